@@ -1,0 +1,314 @@
+"""`ccmoe-run`: the command line over the pipeline stages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CcmoeError
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+class Cli(click.Group):
+    """Turns CcmoeError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CcmoeError as e:
+            click.echo(f"ccmoe-run: error: {e.one_line()}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ccmoe-run")
+def main() -> None:
+    """Deploy pre-pruned Mixture-of-Experts models on small machines with llama.cpp."""
+
+
+# ---------------------------------------------------------------- engine
+
+@main.group()
+def engine() -> None:
+    """Build and check the llama.cpp engine (tools and the libraries the Python bindings load)."""
+
+
+@engine.command("build")
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "metal", "vulkan", "hip"]), default=None,
+              help="llama.cpp backend (default: this host's: cuda with nvidia-smi, metal on macOS, else cpu).")
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: all cores).")
+@click.option("--cmake-flag", "extra", multiple=True, help="Extra CMake flag, e.g. -DCMAKE_CUDA_ARCHITECTURES=90.")
+@click.option("--json", "as_json", is_flag=True, help="Print the engine as JSON.")
+def engine_build(backend, jobs, extra, as_json) -> None:
+    """Build llama.cpp's tools from the vendored source, or reuse the cached build with the same key."""
+    from .engine import build_engine
+
+    progress = None if as_json else (lambda line: click.echo(f"\r{line[:110]:<110}", nl=False, err=True))
+    eng = build_engine(backend, jobs, tuple(extra), progress)
+    if progress:
+        click.echo("", err=True)
+    if as_json:
+        _print_json({**asdict(eng), "bin_dir": str(eng.bin_dir)})
+    else:
+        click.echo(f"engine {eng.key} ({eng.backend}) ready in {eng.bin_dir}")
+
+
+@engine.command("info")
+@click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None,
+              help="Use an existing llama.cpp build instead of the cached one (or set CCMOE_LLAMA_CPP_DIR).")
+@click.option("--backend", default=None, help="Pick the cached engine of this backend.")
+@click.option("--json", "as_json", is_flag=True)
+def engine_info(llama_cpp_dir, backend, as_json) -> None:
+    """Show the engine in use: tools, version, and any feature ccmoe-run needs that it lacks."""
+    from .engine import TOOLS, engine_summary, find_engine
+
+    eng = find_engine(backend, llama_cpp_dir)
+    info = engine_summary(eng)
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(f"engine   {info['key'] or '(user build)'}  backend={info['backend']}  origin={info['origin']}")
+        click.echo(f"path     {info['bin_dir']}")
+        click.echo(f"version  {info['version']} (llama.cpp commit {info['commit']})")
+        for tool in TOOLS:
+            click.echo(f"  {'ok ' if info['tools'][tool] else 'MISSING'} {tool}")
+        for tool, missing in info["missing_features"].items():
+            click.echo(f"  {tool} lacks: {', '.join(missing)}")
+    if info["missing_features"]:
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------- devices
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def devices(name, as_json) -> None:
+    """List device profiles, or show one (NAME, or `auto` for this host)."""
+    from .devices import get_profile, list_profiles
+
+    profiles = [get_profile(name)] if name else list_profiles()
+    if as_json:
+        _print_json([p.to_dict() for p in profiles] if not name else profiles[0].to_dict())
+        return
+    if not name:
+        for p in profiles:
+            mem = " + ".join(f"{x.capacity_gb:g} GB {x.kind} @ {x.bandwidth_gbs:g} GB/s" for x in p.pools)
+            click.echo(f"{p.name:<20} {p.backend:<7} {mem}")
+        click.echo("auto                 (this host: `ccmoe-run devices auto`)")
+        return
+    p = profiles[0]
+    click.echo(f"{p.name}: {p.description}")
+    click.echo(f"  backend {p.backend}, {p.threads} threads, OS reserve {p.os_reserve_gb:g} GB"
+               + (f", CPU<->GPU {p.link_bandwidth_gbs:g} GB/s" if p.link_bandwidth_gbs else ""))
+    for x in p.pools:
+        extra = f", GPU-visible {x.gpu_visible_gb:g} GB" if x.gpu_visible_gb else ""
+        click.echo(f"  pool {x.name}: {x.kind}, {x.capacity_gb:g} GB x {x.usable_fraction:g} usable, "
+                   f"{x.bandwidth_gbs:g} GB/s{extra}")
+    if p.slow_types:
+        click.echo(f"  slow types: {', '.join(p.slow_types)}")
+    for note in p.notes:
+        click.echo(f"  {note}")
+
+
+# ---------------------------------------------------------------- inspect
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--save", type=click.Path(path_type=Path), default=None, help="Also save the inventory artifact (JSON).")
+@click.option("--force", is_flag=True, help="Overwrite --save's file.")
+def inspect(model, as_json, save, force) -> None:
+    """Show a model's MoE structure: MODEL is a .gguf (any shard), hf:owner/repo[:file], an
+    inventory .json, or inventory:deepseek-v3 / inventory:deepseek-v3-pruned192."""
+    from .inventory import save_inventory, summarize
+    from .sources import open_inventory
+
+    inv = open_inventory(model)
+    summary = summarize(inv)
+    if save:
+        save_inventory(inv, save, force=force)
+    if as_json:
+        _print_json({"source": inv.source, "file_bytes": inv.file_bytes, **summary.to_dict()})
+        return
+    s = summary
+    click.echo(f"model       {s.name} ({s.arch})  {inv.source}")
+    click.echo(f"size        {human_size(s.total_bytes)} of tensors" + (f", {len(inv.shards)} shards" if len(inv.shards) > 1 else ""))
+    if not s.is_moe:
+        click.echo(f"layers      {s.n_layers}, dense model (no routed experts)")
+    else:
+        click.echo(f"layers      {s.n_layers}: {s.n_dense_lead} leading dense, {len(s.moe_layers)} MoE")
+        click.echo(f"experts     {s.n_expert} routed, {s.n_expert_used} used per token, {s.n_expert_shared} shared")
+    click.echo(f"parameters  {human_count(s.total_params)} total, {human_count(s.active_params)} active per token")
+    click.echo("by class    params       bytes        types")
+    for cls, n in s.params_by_class.items():
+        if n:
+            types = ", ".join(sorted(s.types_by_class.get(cls, {})))
+            click.echo(f"  {cls:<14}{human_count(n):>9}  {human_size(s.bytes_by_class[cls]):>12}   {types}")
+    click.echo("per layer   kind   params     attention    dense_ffn    shared       router       routed")
+    for layer in s.layers:
+        b = layer.bytes_by_class
+        click.echo(f"  {layer.layer:<9} {layer.kind:<6}{human_count(layer.params):>8}" + "".join(
+            f" {human_size(b[c]):>12}" for c in ("attention", "dense_ffn", "shared_expert", "router", "routed_expert")))
+
+
+# ---------------------------------------------------------------- generated models
+
+@main.group()
+def generate() -> None:
+    """Make models for tests: random-weight MoE GGUFs and weight-less inventories of real models."""
+
+
+@generate.command("model")
+@click.option("--arch", type=click.Choice(["deepseek2", "qwen3moe"]), default="qwen3moe")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--layers", type=int, default=4)
+@click.option("--embd", type=int, default=256, help="Hidden size.")
+@click.option("--experts", type=int, default=16)
+@click.option("--experts-used", type=int, default=4)
+@click.option("--expert-ff", type=int, default=256, help="Feed-forward size of one expert.")
+@click.option("--skew", type=float, default=0.0, help="0 = uniform expert use; larger = a few popular experts.")
+@click.option("--seed", type=int, default=0)
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def generate_model(arch, out, layers, embd, experts, experts_used, expert_ff, skew, seed, force) -> None:
+    """Write a deterministic random-weight MoE GGUF that llama.cpp loads."""
+    from .synth import SynthSpec, write_random_gguf
+
+    spec = SynthSpec(arch=arch, n_layer=layers, n_embd=embd, n_expert=experts, n_expert_used=experts_used,
+                     n_ff_exp=expert_ff, skew=skew, seed=seed, name=f"synth-{arch}")
+    path = write_random_gguf(spec, out, force=force)
+    click.echo(f"wrote {path} ({human_size(path.stat().st_size)})")
+
+
+@generate.command("inventory")
+@click.argument("name", type=click.Choice(["deepseek-v3", "deepseek-v3-pruned192"]))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+def generate_inventory(name, out, force) -> None:
+    """Save the weight-less inventory of a real model (shapes and names only)."""
+    from .inventory import save_inventory
+    from .synth import builtin_inventory
+
+    save_inventory(builtin_inventory(name), out, force=force)
+    click.echo(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- corpus and bundled model
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def corpus(as_json) -> None:
+    """Fetch (once) the English corpus used for training, calibration and quality tests."""
+    from .corpus import ensure_corpus
+
+    c = ensure_corpus()
+    data = {"train": str(c.train), "heldout": str(c.heldout), "source": c.source, "sha256": c.sha256}
+    if as_json:
+        _print_json(data)
+    else:
+        for k, v in data.items():
+            click.echo(f"{k:<8} {v}")
+
+
+@main.command("train-bundled")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF (default: models/ccmoe-mini-moe-f16.gguf).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def train_bundled_cmd(out, steps, force) -> None:
+    """Retrain the bundled default model from the corpus (needs the `train` extra)."""
+    from .corpus import ensure_corpus
+    from .engine import find_engine
+    from .sources import bundled_model_path
+    from .train import TrainConfig, train_bundled
+
+    out = out or bundled_model_path()
+    if out.exists() and not force:
+        raise CcmoeError(f"{out} already exists", "pass --force to overwrite it or -o another path")
+    cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)
+    info = train_bundled(out, cfg, find_engine(), ensure_corpus(),
+                         progress=lambda r: click.echo(json.dumps(r), err=True))
+    report = out.with_suffix(".train.json")
+    report.write_text(json.dumps(info, indent=1) + "\n")
+    click.echo(f"wrote {out}: held-out perplexity {info['heldout_ppl']} (unigram {info['unigram_ppl']}); report {report}")
+
+
+# ---------------------------------------------------------------- serve
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
+@click.option("--model", default=None, help="GGUF path or hf:owner/repo[:file] (default: the bundled model).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the server.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Require this key from clients.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Concurrent request slots.")
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context length per slot.")
+@click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
+@click.option("--dry-run", is_flag=True, help="Print the llama-server command line and exit.")
+@click.option("--warmup/--no-warmup", default=True, help="Send one streamed chat request and report tokens/s.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ready message as JSON.")
+def serve(device, model, host, port, api_key, parallel, ctx, llama_cpp_dir, dry_run, warmup, as_json) -> None:
+    """Start llama-server with an OpenAI-compatible API on MODEL for DEVICE; Ctrl-C stops it."""
+    from .devices import get_profile
+    from .engine import find_engine
+    from .serve import LlamaServer, ServerConfig, environment_threads, serve_forever, server_command, streamed_chat
+    from .sources import resolve_model_path
+
+    profile = get_profile(device)
+    eng = find_engine(None if llama_cpp_dir else profile.backend, llama_cpp_dir)
+    path = resolve_model_path(model)
+    if ctx < 16 or parallel < 1:
+        raise CcmoeError("--ctx must be at least 16 and --parallel at least 1", "fix the values")
+    threads = min(profile.threads, environment_threads())
+    cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, api_key=api_key)
+    if dry_run:
+        click.echo(" ".join(server_command(eng, cfg)))
+        return
+    server = LlamaServer(eng, cfg)
+    server.start()
+
+    def ready() -> None:
+        data = {"base_url": server.base_url + "/v1", "model": str(path), "device": profile.name,
+                "engine": eng.key or str(eng.bin_dir), "pid": server.proc.pid, "log": str(server.log_path)}
+        if warmup:
+            text, timings = streamed_chat(server.base_url, "Once upon a time", 48, api_key)
+            data.update(warmup_text=text, prompt_tokens_per_s=round(timings.get("prompt_per_second", 0.0), 1),
+                        generation_tokens_per_s=round(timings.get("predicted_per_second", 0.0), 1))
+        if as_json:
+            _print_json(data)
+        else:
+            click.echo(f"serving {path.name} on {profile.name} ({eng.backend}); OpenAI base URL: {data['base_url']}")
+            if warmup:
+                click.echo(f"warm-up: prompt {data['prompt_tokens_per_s']} tok/s, "
+                           f"generation {data['generation_tokens_per_s']} tok/s: {data['warmup_text'][:70]!r}")
+            click.echo("Ctrl-C stops the server.")
+        sys.stdout.flush()
+
+    sys.exit(serve_forever(server, ready))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Model sources: a local GGUF, any shard of a split GGUF, a Hugging Face repo, or a built-in inventory."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+from .errors import CcmoeError
+from .inventory import ModelInventory, load_inventory, read_gguf, shard_paths
+
+HF_PREFIX = "hf:"
+INVENTORY_PREFIX = "inventory:"
+_SHARD = re.compile(r"^(?P<stem>.*)-\d{5}-of-(?P<n>\d{5})\.gguf$")
+
+
+def bundled_model_path() -> Path:
+    """The default model: small, trained by the project (models/ccmoe-mini-moe-f16.gguf)."""
+    return Path(__file__).resolve().parent.parent / "models" / "ccmoe-mini-moe-f16.gguf"
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """'hf:owner/repo[:file-or-pattern]' -> (repo id, pattern or None)."""
+    body = spec[len(HF_PREFIX):]
+    repo, _, pattern = body.partition(":")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise CcmoeError(f"{spec!r} is not a Hugging Face model spec", "write it as hf:owner/repo[:file-or-pattern]")
+    return repo, pattern or None
+
+
+def _hf_patterns(pattern: str | None) -> list[str]:
+    if not pattern:
+        return ["*.gguf"]
+    m = _SHARD.match(Path(pattern).name)
+    if m:  # one shard named: fetch the whole series
+        return [str(Path(pattern).parent / f"{m.group('stem')}-*-of-{m.group('n')}.gguf").removeprefix("./")]
+    if any(c in pattern for c in "*?[") or pattern.endswith(".gguf"):
+        return [pattern]
+    return [f"*{pattern}*.gguf", f"*{pattern}*/*.gguf"]   # a quant name such as Q4_K_M
+
+
+def resolve_hf(spec: str) -> Path:
+    """Download (or find in the cache) the GGUF files of a hub spec; returns the first shard."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, pattern = parse_hf_spec(spec)
+    patterns = _hf_patterns(pattern)
+    try:
+        folder = Path(snapshot_download(repo_id=repo, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise CcmoeError(f"Hugging Face repo {repo!r} was not found", "check the name, or log in for a gated repo") from None
+    except LocalEntryNotFoundError:
+        raise CcmoeError(f"{spec} is not in the local Hugging Face cache and the hub cannot be reached (offline)",
+                         "connect and retry, or unset HF_HUB_OFFLINE") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise CcmoeError(f"downloading {spec} failed ({e})", "retry; finished files are kept and resumed") from None
+    files = sorted(p for p in folder.rglob("*.gguf") if any(fnmatch.fnmatch(str(p.relative_to(folder)), pat) for pat in patterns))
+    if not files:
+        raise CcmoeError(f"{spec} matched no .gguf file in {repo}", "name a file or pattern after the second colon")
+    firsts = sorted({str(shard_paths(f)[0]) for f in files})
+    if len(firsts) > 1:
+        names = ", ".join(Path(f).name for f in firsts[:5])
+        raise CcmoeError(f"{spec} matches {len(firsts)} models ({names})", "add :FILE or :PATTERN to pick one")
+    return Path(firsts[0])
+
+
+def resolve_model_path(spec: str | Path | None) -> Path:
+    """A local path for a model spec (None means the bundled default model)."""
+    if spec is None or str(spec) in ("", "bundled", "default"):
+        path = bundled_model_path()
+        if not path.is_file():
+            raise CcmoeError(f"the bundled model {path} is missing", "restore models/ from git or run `ccmoe-run train-bundled`")
+        return path
+    spec = str(spec)
+    if spec.startswith(HF_PREFIX):
+        return resolve_hf(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CcmoeError(f"model {spec} does not exist", "check the path, or use hf:owner/repo[:file] for the hub")
+    return shard_paths(path)[0]
+
+
+def open_inventory(spec: str | Path | None) -> ModelInventory:
+    """The inventory of any model spec, including built-in and saved weight-less inventories."""
+    text = str(spec) if spec is not None else ""
+    if text.startswith(INVENTORY_PREFIX):
+        from .synth import builtin_inventory
+
+        return builtin_inventory(text[len(INVENTORY_PREFIX):])
+    if text.endswith(".json"):
+        return load_inventory(Path(text))
+    return read_gguf(resolve_model_path(spec))

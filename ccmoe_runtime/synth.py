@@ -1,0 +1,241 @@
+"""Models the project makes for itself: random-weight MoE GGUFs and weight-less inventories of real models."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CcmoeError
+from .inventory import ModelInventory, TensorInfo
+from .tokenizer import add_vocab_to_gguf, byte_vocab
+
+SYNTH_ARCHS = ("deepseek2", "qwen3moe")
+
+
+@dataclass
+class SynthSpec:
+    """Shapes of a generated MoE model (llama.cpp names). Fields unused by an architecture are ignored."""
+
+    arch: str = "qwen3moe"
+    name: str = "ccmoe-synth"
+    vocab_size: int = 512
+    ctx: int = 4096
+    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_head_kv: int = 2          # qwen3moe (deepseek2's MLA stores one latent KV head)
+    head_dim: int = 64          # qwen3moe
+    n_expert: int = 16
+    n_expert_used: int = 4
+    n_ff_exp: int = 256
+    # deepseek2 only
+    n_dense_lead: int = 1
+    n_ff: int = 512             # dense FFN of the leading layers
+    n_expert_shared: int = 1
+    q_lora_rank: int = 128
+    kv_lora_rank: int = 128
+    qk_nope_dim: int = 64
+    qk_rope_dim: int = 32
+    v_head_dim: int = 64
+    routed_scale: float = 2.5
+    # expert usage: 0 = uniform; larger values make low-numbered experts more popular
+    skew: float = 0.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.arch not in SYNTH_ARCHS:
+            raise CcmoeError(f"cannot generate architecture {self.arch!r}", f"choose one of: {', '.join(SYNTH_ARCHS)}")
+        if not 0 < self.n_expert_used <= self.n_expert:
+            raise CcmoeError(f"experts used per token ({self.n_expert_used}) must be between 1 and the expert count ({self.n_expert})",
+                             "fix --experts-used")
+        if self.arch == "qwen3moe" and self.n_head % self.n_head_kv:
+            raise CcmoeError("n_head must be a multiple of n_head_kv", "fix the head counts")
+
+
+# A tensor of the layout: name, shape in ggml order, and whether it stays F32 (norms, biases).
+Layout = list[tuple[str, tuple[int, ...], bool]]
+
+
+def tensor_layout(s: SynthSpec) -> Layout:
+    """Every tensor the llama.cpp loader expects for this spec: the one source of names and shapes."""
+    s.check()
+    out: Layout = [("token_embd.weight", (s.n_embd, s.vocab_size), False)]
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        out.append((b + "attn_norm.weight", (s.n_embd,), True))
+        if s.arch == "qwen3moe":
+            out += [(b + "attn_q.weight", (s.n_embd, s.n_head * s.head_dim), False),
+                    (b + "attn_k.weight", (s.n_embd, s.n_head_kv * s.head_dim), False),
+                    (b + "attn_v.weight", (s.n_embd, s.n_head_kv * s.head_dim), False),
+                    (b + "attn_output.weight", (s.n_head * s.head_dim, s.n_embd), False),
+                    (b + "attn_q_norm.weight", (s.head_dim,), True),
+                    (b + "attn_k_norm.weight", (s.head_dim,), True)]
+        else:
+            out += [(b + "attn_q_a_norm.weight", (s.q_lora_rank,), True),
+                    (b + "attn_kv_a_norm.weight", (s.kv_lora_rank,), True),
+                    (b + "attn_q_a.weight", (s.n_embd, s.q_lora_rank), False),
+                    (b + "attn_q_b.weight", (s.q_lora_rank, s.n_head * (s.qk_nope_dim + s.qk_rope_dim)), False),
+                    (b + "attn_kv_a_mqa.weight", (s.n_embd, s.kv_lora_rank + s.qk_rope_dim), False),
+                    (b + "attn_k_b.weight", (s.qk_nope_dim, s.kv_lora_rank, s.n_head), False),
+                    (b + "attn_v_b.weight", (s.kv_lora_rank, s.v_head_dim, s.n_head), False),
+                    (b + "attn_output.weight", (s.n_head * s.v_head_dim, s.n_embd), False)]
+        out.append((b + "ffn_norm.weight", (s.n_embd,), True))
+        if s.arch == "deepseek2" and i < s.n_dense_lead:
+            out += [(b + "ffn_gate.weight", (s.n_embd, s.n_ff), False),
+                    (b + "ffn_up.weight", (s.n_embd, s.n_ff), False),
+                    (b + "ffn_down.weight", (s.n_ff, s.n_embd), False)]
+            continue
+        out += [(b + "ffn_gate_inp.weight", (s.n_embd, s.n_expert), False),
+                (b + "ffn_gate_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), False),
+                (b + "ffn_up_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), False),
+                (b + "ffn_down_exps.weight", (s.n_ff_exp, s.n_embd, s.n_expert), False)]
+        if s.arch == "deepseek2":
+            sh = s.n_ff_exp * s.n_expert_shared
+            out += [(b + "exp_probs_b.bias", (s.n_expert,), True),
+                    (b + "ffn_gate_shexp.weight", (s.n_embd, sh), False),
+                    (b + "ffn_up_shexp.weight", (s.n_embd, sh), False),
+                    (b + "ffn_down_shexp.weight", (sh, s.n_embd), False)]
+    out += [("output_norm.weight", (s.n_embd,), True), ("output.weight", (s.n_embd, s.vocab_size), False)]
+    return out
+
+
+def add_metadata(w, s: SynthSpec) -> None:
+    """Architecture keys as llama.cpp's converters write them."""
+    import gguf
+
+    w.add_name(s.name)
+    w.add_context_length(s.ctx)
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_head_count(s.n_head)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(s.n_expert)
+    w.add_expert_used_count(s.n_expert_used)
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    w.add_vocab_size(s.vocab_size)
+    if s.arch == "qwen3moe":
+        w.add_feed_forward_length(s.n_ff_exp * s.n_expert_used)
+        w.add_head_count_kv(s.n_head_kv)
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+        return
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(s.n_dense_lead)
+    w.add_q_lora_rank(s.q_lora_rank)
+    w.add_kv_lora_rank(s.kv_lora_rank)
+    w.add_key_length(s.kv_lora_rank + s.qk_rope_dim)
+    w.add_value_length(s.kv_lora_rank)
+    w.add_key_length_mla(s.qk_nope_dim + s.qk_rope_dim)
+    w.add_value_length_mla(s.v_head_dim)
+    w.add_rope_dimension_count(s.qk_rope_dim)
+    w.add_expert_shared_count(s.n_expert_shared)
+    w.add_expert_weights_scale(s.routed_scale)
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+def _popularity(s: SynthSpec) -> np.ndarray:
+    """Per-expert offset: expert 0 most popular, the last least, scaled by `skew`."""
+    return s.skew * np.linspace(1.0, -1.0, s.n_expert)
+
+
+def _tensor_data(name: str, shape: tuple[int, ...], s: SynthSpec, rng: np.random.Generator, u: np.ndarray) -> np.ndarray:
+    np_shape = tuple(reversed(shape))
+    if name.endswith("norm.weight"):
+        return np.ones(np_shape, dtype=np.float32)
+    if name.endswith("exp_probs_b.bias"):
+        return (0.5 * _popularity(s)).astype(np.float32)
+    std = 1.0 / np.sqrt(shape[0])
+    data = (rng.standard_normal(np_shape, dtype=np.float32) * std)
+    if name == "token_embd.weight":
+        data += u[None, :] * 2.0 * std * np.sqrt(s.n_embd)    # a direction every token shares
+    elif name.endswith("ffn_gate_inp.weight"):
+        data += _popularity(s)[:, None] * u[None, :]           # routers prefer experts along it
+    return data.astype(np.float16)
+
+
+def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_tensors: int = 0) -> Path:
+    """A deterministic random-weight MoE GGUF (F16 weights, F32 norms) that llama.cpp loads and runs.
+
+    With `split_max_tensors` it is written as shards (`NAME-00001-of-0000N.gguf`); the first is returned."""
+    import gguf
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise CcmoeError(f"{path} already exists", "pass --force to overwrite it")
+    layout = tensor_layout(s)
+    rng = np.random.default_rng(s.seed)
+    u = rng.standard_normal(s.n_embd).astype(np.float32)
+    u /= np.linalg.norm(u)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        w = gguf.GGUFWriter(str(staging / path.name), s.arch, split_max_tensors=split_max_tensors)
+        add_metadata(w, s)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        add_vocab_to_gguf(w, byte_vocab(s.vocab_size))
+        w.add_string("ccmoe.synth_spec", str(asdict(s)))
+        for name, shape, _ in layout:
+            w.add_tensor(name, _tensor_data(name, shape, s, rng, u))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        written = sorted(staging.iterdir())
+        for f in written:
+            f.replace(path.parent / f.name)
+        return path.parent / written[0].name
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def layout_inventory(s: SynthSpec, dtype: str = "BF16", source: str = "") -> ModelInventory:
+    """A weight-less inventory with the tensors llama.cpp would have for this spec."""
+    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    tensors = []
+    for name, shape, keep_f32 in tensor_layout(s):
+        n = int(np.prod(shape))
+        tensors.append(TensorInfo(name, list(shape), "F32" if keep_f32 else dtype, n * (4 if keep_f32 else width)))
+    meta = {"general.architecture": s.arch, "general.name": s.name}
+    for key, value in (("block_count", s.n_layer), ("embedding_length", s.n_embd), ("expert_count", s.n_expert),
+                       ("expert_used_count", s.n_expert_used), ("expert_feed_forward_length", s.n_ff_exp),
+                       ("context_length", s.ctx), ("attention.head_count", s.n_head), ("vocab_size", s.vocab_size)):
+        meta[f"{s.arch}.{key}"] = value
+    if s.arch == "deepseek2":
+        meta.update({f"deepseek2.{k}": v for k, v in (
+            ("expert_shared_count", s.n_expert_shared), ("leading_dense_block_count", s.n_dense_lead),
+            ("feed_forward_length", s.n_ff), ("attention.q_lora_rank", s.q_lora_rank),
+            ("attention.kv_lora_rank", s.kv_lora_rank), ("attention.head_count_kv", 1))})
+    return ModelInventory(arch=s.arch, name=s.name, source=source or f"inventory:{s.name}", metadata=meta,
+                          tensors=tensors, file_bytes=sum(t.n_bytes for t in tensors))
+
+
+def deepseek_v3_spec(n_expert: int = 256) -> SynthSpec:
+    """DeepSeek-V3/R1 as llama.cpp converts it (config.json of deepseek-ai/DeepSeek-V3, MTP layer skipped)."""
+    return SynthSpec(arch="deepseek2", name=f"DeepSeek-V3 ({n_expert} experts)", vocab_size=129280, ctx=163840,
+                     n_embd=7168, n_layer=61, n_head=128, n_expert=n_expert, n_expert_used=8, n_ff_exp=2048,
+                     n_dense_lead=3, n_ff=18432, n_expert_shared=1, q_lora_rank=1536, kv_lora_rank=512,
+                     qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, routed_scale=2.5)
+
+
+BUILTIN_INVENTORIES = {
+    "deepseek-v3": lambda: deepseek_v3_spec(256),
+    "deepseek-v3-pruned192": lambda: deepseek_v3_spec(192),
+}
+
+
+def builtin_inventory(name: str) -> ModelInventory:
+    if name not in BUILTIN_INVENTORIES:
+        raise CcmoeError(f"unknown built-in inventory {name!r}",
+                         f"choose one of: {', '.join('inventory:' + n for n in BUILTIN_INVENTORIES)}")
+    spec = BUILTIN_INVENTORIES[name]()
+    inv = layout_inventory(spec, "BF16", source=f"inventory:{name}")
+    if name.endswith("pruned192"):
+        inv.metadata["deepseek2.expert_used_count"] = 6   # 8 x 192/256, the activation adjustment
+        inv.metadata["ccmoe.original_expert_count"] = 256
+    return inv
