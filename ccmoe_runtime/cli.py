@@ -13,8 +13,8 @@ from . import __version__
 from .errors import CcmoeError
 
 
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=1, default=str))
+def _print_json(data, indent: int | None = 1) -> None:
+    click.echo(json.dumps(data, indent=indent, default=str))
 
 
 def human_size(n: float) -> str:
@@ -298,7 +298,7 @@ def serve(device, model, host, port, api_key, parallel, ctx, llama_cpp_dir, dry_
             data.update(warmup_text=text, prompt_tokens_per_s=round(timings.get("prompt_per_second", 0.0), 1),
                         generation_tokens_per_s=round(timings.get("predicted_per_second", 0.0), 1))
         if as_json:
-            _print_json(data)
+            _print_json(data, indent=None)   # one line: scripts read it as soon as the server is ready
         else:
             click.echo(f"serving {path.name} on {profile.name} ({eng.backend}); OpenAI base URL: {data['base_url']}")
             if warmup:

@@ -151,12 +151,13 @@ def _tensor_data(name: str, shape: tuple[int, ...], s: SynthSpec, rng: np.random
         return np.ones(np_shape, dtype=np.float32)
     if name.endswith("exp_probs_b.bias"):
         return (0.5 * _popularity(s)).astype(np.float32)
-    std = 1.0 / np.sqrt(shape[0])
+    std = 1.0 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[0])   # unit-RMS embeddings, as after a norm
     data = (rng.standard_normal(np_shape, dtype=np.float32) * std)
-    if name == "token_embd.weight":
-        data += u[None, :] * 2.0 * std * np.sqrt(s.n_embd)    # a direction every token shares
-    elif name.endswith("ffn_gate_inp.weight"):
-        data += _popularity(s)[:, None] * u[None, :]           # routers prefer experts along it
+    if name == "token_embd.weight" and s.skew > 0:
+        data += u[None, :] * np.sqrt(s.n_embd)                # a direction every token shares...
+    elif name.endswith("ffn_gate_inp.weight") and s.skew > 0:
+        data -= (data @ u)[:, None] * u[None, :]                 # ...along which only the popularity counts:
+        data += _popularity(s)[:, None] * u[None, :] * std      # routers favour low-numbered experts
     return data.astype(np.float16)
 
 

@@ -1,0 +1,110 @@
+"""The real llama-server on the bundled model: completions over HTTP, clean start and stop, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from ccmoe_runtime.errors import CcmoeError
+from ccmoe_runtime.serve import LlamaServer, ServerConfig, complete, free_port, streamed_chat
+from conftest import run_cli
+
+
+def _wait_gone(pid: int, seconds: float = 15) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_completion_and_streamed_chat_over_http(engine, bundled_model):
+    cfg = ServerConfig(model=bundled_model, ctx=256, threads=2)
+    with LlamaServer(engine, cfg) as server:
+        assert server.base_url.startswith("http://127.0.0.1:")
+        answer = complete(server.base_url, "The cat", n_predict=16)
+        text = answer["choices"][0]["text"]
+        assert answer["usage"]["completion_tokens"] > 0 and text.strip()
+        chat, timings = streamed_chat(server.base_url, "Tell me something.", max_tokens=24)
+        assert chat.strip()
+        assert timings["predicted_n"] > 0 and timings["predicted_per_second"] > 0 and timings["prompt_per_second"] > 0
+        pid = server.proc.pid
+    assert _wait_gone(pid)
+
+
+def test_port_in_use_is_refused_before_starting(engine, bundled_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(CcmoeError, match=f"port {port} on 127.0.0.1 is in use"):
+            LlamaServer(engine, ServerConfig(model=bundled_model, port=port)).start()
+
+
+def test_bad_model_says_why_and_leaves_no_process(engine, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 200)
+    server = LlamaServer(engine, ServerConfig(model=bad, ctx=256))
+    with pytest.raises(CcmoeError) as err:
+        server.start(timeout=60)
+    assert "exited with code" in str(err.value) and "could not be loaded" in str(err.value)
+    assert server.proc.poll() is not None
+
+
+def test_api_key_is_enforced(engine, bundled_model):
+    with LlamaServer(engine, ServerConfig(model=bundled_model, ctx=256, api_key="sekret")) as server:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            complete(server.base_url, "Hello", 4)
+        assert err.value.code == 401
+        assert complete(server.base_url, "Hello", 4, api_key="sekret")["choices"]
+
+
+def test_dry_run_prints_a_loopback_command_line(engine):
+    result = run_cli("serve", "--dry-run", "--port", "8123", check=True)
+    args = result.stdout.split()
+    assert args[0].endswith("llama-server")
+    assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "8123"
+    assert "ccmoe-mini-moe-f16.gguf" in result.stdout
+
+
+def _start_cli_server(port: int) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-m", "ccmoe_runtime.cli", "serve", "--device", "auto", "--port", str(port),
+                             "--ctx", "256", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    return proc, json.loads(line)
+
+
+def test_serve_command_answers_then_stops_cleanly_on_sigterm(engine):
+    port = free_port()
+    proc, ready = _start_cli_server(port)
+    try:
+        assert ready["base_url"] == f"http://127.0.0.1:{port}/v1"
+        assert ready["generation_tokens_per_s"] > 0 and ready["warmup_text"]
+        with urllib.request.urlopen(ready["base_url"] + "/models", timeout=10) as r:
+            assert json.loads(r.read())["data"]
+        server_pid = ready["pid"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert _wait_gone(server_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_no_orphan_server_when_ccmoe_run_is_killed(engine):
+    proc, ready = _start_cli_server(free_port())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert _wait_gone(ready["pid"]), "llama-server outlived a killed ccmoe-run"

@@ -1,0 +1,66 @@
+"""Generated models run in llama.cpp, and their expert-usage skew is what was asked for (measured with llama-imatrix)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from ccmoe_runtime.stats import expert_counts, run_imatrix, usage_entropy
+from ccmoe_runtime.synth import SynthSpec, write_random_gguf
+from ccmoe_runtime.errors import CcmoeError
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def calibration_text(corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "cal.txt"
+    path.write_text(corpus.heldout.read_text()[:20_000])
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_skew_concentrates_expert_use(engine, calibration_text, tmp_path, arch):
+    usage = {}
+    for skew in (0.0, 3.0):
+        spec = SynthSpec(arch=arch, n_layer=3, n_dense_lead=1, n_expert=8, n_expert_used=2, skew=skew, seed=2)
+        model = write_random_gguf(spec, tmp_path / f"{arch}-{skew}.gguf")
+        counts = expert_counts(run_imatrix(engine, model, calibration_text, tmp_path / f"{skew}.imatrix.gguf",
+                                           ctx=128, chunks=8, threads=2))
+        assert counts and all(c.shape == (8,) for c in counts.values())
+        usage[skew] = counts
+    for layer in usage[3.0]:
+        skewed, flat = usage[3.0][layer], usage[0.0][layer]
+        assert usage_entropy(skewed) < usage_entropy(flat) - 0.3, (layer, skewed, flat)
+        assert skewed[:4].sum() > 0.8 * skewed.sum(), (layer, skewed)   # low-numbered experts are the popular ones
+
+
+def test_generated_models_decode_in_llama_bench(engine, deepseek2_model, qwen3moe_model):
+    for model in (deepseek2_model, qwen3moe_model):
+        out = subprocess.run([str(engine.tool("llama-bench")), "-m", str(model), "-p", "16", "-n", "4", "-r", "1",
+                              "-t", "2", "-o", "json"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-1000:]
+        import json
+
+        rows = json.loads(out.stdout)
+        assert {r["n_gen"] for r in rows} == {0, 4} and all(r["avg_ts"] > 0 for r in rows)
+
+
+def test_generator_is_deterministic_and_refuses_overwrite(tmp_path):
+    spec = SynthSpec(arch="deepseek2", n_layer=2, seed=7, skew=1.0)
+    a = write_random_gguf(spec, tmp_path / "a.gguf")
+    b = write_random_gguf(spec, tmp_path / "b.gguf")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(CcmoeError, match="already exists"):
+        write_random_gguf(spec, a)
+    result = run_cli("generate", "model", "--arch", "qwen3moe", "-o", str(a))
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert not list(tmp_path.glob(".*part*")) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_generator_arguments():
+    with pytest.raises(CcmoeError, match="experts used per token"):
+        SynthSpec(n_expert=4, n_expert_used=6).check()
+    with pytest.raises(CcmoeError, match="cannot generate"):
+        SynthSpec(arch="mixtral").check()
