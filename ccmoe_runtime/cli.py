@@ -294,7 +294,11 @@ def serve(device, model, host, port, api_key, parallel, ctx, llama_cpp_dir, dry_
         data = {"base_url": server.base_url + "/v1", "model": str(path), "device": profile.name,
                 "engine": eng.key or str(eng.bin_dir), "pid": server.proc.pid, "log": str(server.log_path)}
         if warmup:
-            text, timings = streamed_chat(server.base_url, "Once upon a time", 48, api_key)
+            try:
+                text, timings = streamed_chat(server.base_url, "Once upon a time", 48, api_key)
+            except OSError as e:   # URLError, HTTPError, timeouts
+                raise CcmoeError(f"the warm-up request to {server.base_url} failed ({e})",
+                                 f"see the server log {server.log_path}", 5) from None
             data.update(warmup_text=text, prompt_tokens_per_s=round(timings.get("prompt_per_second", 0.0), 1),
                         generation_tokens_per_s=round(timings.get("predicted_per_second", 0.0), 1))
         if as_json:

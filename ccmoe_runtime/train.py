@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CcmoeError
-from .tokenizer import Vocab, add_vocab_to_gguf, train_bpe
+from .tokenizer import BOS_ID, Vocab, add_vocab_to_gguf, train_bpe
 
 ARCH = "qwen3moe"
 
@@ -40,8 +40,8 @@ class TrainConfig:
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
     steps: int = 1200
-    batch: int = 24
-    seq: int = 128
+    batch: int = 12
+    seq: int = 256    # the whole context: llama.cpp scores positions up to ctx
     lr: float = 3e-3
     warmup: int = 30
     aux_loss: float = 0.01
@@ -93,10 +93,8 @@ def write_vocab_only(path: Path, vocab: Vocab, cfg: TrainConfig) -> Path:
 def tokenize_with_llama(llama_cpp, vocab_gguf: Path, text: str) -> np.ndarray:
     """Token ids exactly as llama.cpp will produce them at inference (no BOS)."""
     llm = llama_cpp.Llama(model_path=str(vocab_gguf), vocab_only=True, verbose=False)
-    ids: list[int] = []
-    for para in text.split("\n\n"):
-        ids.extend(llm.tokenize(("\n\n" + para).encode(), add_bos=False, special=False))
-    return np.asarray(ids, dtype=np.int32)
+    # one call for the whole text, as llama-perplexity does (each call adds SentencePiece's leading space)
+    return np.asarray(llm.tokenize(text.encode(), add_bos=False, special=False), dtype=np.int32)
 
 
 # ---------------------------------------------------------------- the model
@@ -199,20 +197,25 @@ def build_model(cfg: TrainConfig):
 
 # ---------------------------------------------------------------- training and export
 
+def _window(tokens: np.ndarray, start: int, seq: int) -> np.ndarray:
+    """BOS then `seq` tokens: llama.cpp puts BOS first in every prompt and perplexity chunk."""
+    return np.concatenate([[BOS_ID], tokens[start:start + seq]]).astype(np.int64)
+
+
 def _batches(tokens: np.ndarray, cfg: TrainConfig, rng: np.random.Generator):
     while True:
-        starts = rng.integers(0, len(tokens) - cfg.seq - 1, size=cfg.batch)
-        yield np.stack([tokens[s:s + cfg.seq + 1] for s in starts]).astype(np.int64)
+        starts = rng.integers(0, len(tokens) - cfg.seq, size=cfg.batch)
+        yield np.stack([_window(tokens, s, cfg.seq) for s in starts])
 
 
 def evaluate(model, tokens: np.ndarray, cfg: TrainConfig, windows: int = 64) -> float:
     """Mean next-token cross-entropy (nats) over consecutive windows of held-out tokens."""
     torch = _torch()
-    n = min(windows, (len(tokens) - 1) // cfg.seq)
+    n = min(windows, len(tokens) // cfg.seq)
     losses = []
     with torch.no_grad():
         for i in range(n):
-            chunk = torch.from_numpy(tokens[i * cfg.seq:(i + 1) * cfg.seq + 1].astype(np.int64))[None]
+            chunk = torch.from_numpy(_window(tokens, i * cfg.seq, cfg.seq))[None]
             logits, _ = model(chunk[:, :-1])
             losses.append(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:]).item())
     return float(np.mean(losses))
