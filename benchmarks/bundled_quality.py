@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,9 @@ def main() -> None:
     corpus = ensure_corpus()
     s = summarize(read_gguf(args.model))
     info = json.loads(read_gguf(args.model).metadata.get("ccmoe.training", "{}"))
+    report = Path(args.model).with_suffix(".train.json")
+    if report.is_file():                       # timings live in the training report, not in the GGUF
+        info = {**info, **json.loads(report.read_text())}
     ppl, seconds = perplexity(engine, args.model, corpus.heldout, args.ctx, args.threads)
     uni = unigram_ppl(load_bindings(engine), args.model, corpus.train.read_text(), corpus.heldout.read_text())
     print(f"model: {args.model} ({s.arch}, {s.total_params / 1e6:.2f}M params, {s.n_expert} experts, "

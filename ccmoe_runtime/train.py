@@ -315,12 +315,31 @@ def train_bundled(out_path: Path, cfg: TrainConfig, engine, corpus, progress=Non
     model, log = train_model(cfg, train_tokens, held_tokens, progress)
     model.eval()
     held_loss = evaluate(model, held_tokens, cfg, windows=10_000)
+    seconds = round(time.monotonic() - started, 1)
+    # what goes into the GGUF is deterministic, so the same seed and thread count give the same file
     info = {"config": asdict(cfg), "corpus": corpus.source, "corpus_sha256": corpus.sha256,
             "train_tokens": int(len(train_tokens)), "heldout_tokens": int(len(held_tokens)),
-            "train_seconds": round(time.monotonic() - started, 1), "heldout_loss": round(held_loss, 4),
-            "heldout_ppl": round(math.exp(held_loss), 2),
+            "heldout_loss": round(held_loss, 4), "heldout_ppl": round(math.exp(held_loss), 2),
             "unigram_ppl": round(math.exp(unigram_loss(train_tokens, held_tokens, cfg.vocab_size)), 2)}
     export_gguf(model, vocab, cfg, out_path, info)
-    info["log"] = log
-    info["sha256"] = hashlib.sha256(Path(out_path).read_bytes()).hexdigest()
-    return info
+    return {**info, "train_seconds": seconds, "log": log,
+            "sha256": hashlib.sha256(Path(out_path).read_bytes()).hexdigest()}
+
+
+def load_gguf_model(path: Path, cfg: TrainConfig):
+    """The torch model of a GGUF written by export_gguf (its weights, as stored)."""
+    import gguf
+
+    torch = _torch()
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(str(path)).tensors}
+    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in (("attn_norm.weight", "attn_norm"), ("wq.weight", "attn_q"), ("wk.weight", "attn_k"),
+                             ("wv.weight", "attn_v"), ("wo.weight", "attn_output"), ("q_norm.weight", "attn_q_norm"),
+                             ("k_norm.weight", "attn_k_norm"), ("ffn_norm.weight", "ffn_norm"),
+                             ("router.weight", "ffn_gate_inp"), ("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"),
+                             ("down", "ffn_down_exps")):
+            names[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}.weight"
+    model = build_model(cfg)
+    model.load_state_dict({k: torch.from_numpy(tensors[v]) for k, v in names.items()})
+    return model.eval()
