@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 from .errors import CcmoeError
@@ -254,6 +255,37 @@ def train_bundled_cmd(out, steps, force) -> None:
     report = out.with_suffix(".train.json")
     report.write_text(json.dumps(info, indent=1) + "\n")
     click.echo(f"wrote {out}: held-out perplexity {info['heldout_ppl']} (unigram {info['unigram_ppl']}); report {report}")
+
+
+# ---------------------------------------------------------------- statistics
+
+@main.command()
+@click.argument("model")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (default: the project's English corpus).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("ccmoe-profile"), show_default=True,
+              help="Folder for the imatrix and the expert-statistics artifact.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per llama-imatrix chunk.")
+@click.option("--chunks", type=int, default=64, show_default=True, help="Chunks of calibration text to use.")
+@click.option("--force", is_flag=True, help="Overwrite earlier results in the folder.")
+@click.option("--json", "as_json", is_flag=True)
+def profile(model, calib, out, ctx, chunks, force, as_json) -> None:
+    """Measure expert activation frequency (and the imatrix) on calibration text with llama-imatrix."""
+    from .corpus import ensure_corpus
+    from .engine import find_engine
+    from .sources import resolve_model_path
+    from .stats import profile_model
+
+    path = resolve_model_path(model)
+    result = profile_model(find_engine(), path, calib or ensure_corpus().train, out, ctx=ctx, chunks=chunks, force=force)
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "layers"} | {"layers": result["layers"]})
+        return
+    click.echo(f"imatrix {result['imatrix']}\nexpert statistics {result['stats']}")
+    click.echo(f"layer  entropy (max {np.log2(result['n_expert']):.2f} bits)  most used experts (share of tokens)")
+    for layer, d in result["layers"].items():
+        top = np.argsort(d["frequency"])[::-1][:4]
+        click.echo(f"  {layer:<5} {d['entropy_bits']:>6.2f}   " + "  ".join(f"{e}:{d['frequency'][e]:.2f}" for e in top))
 
 
 # ---------------------------------------------------------------- serve
