@@ -35,7 +35,7 @@ def corpus_dir() -> Path:
 def _download_deb(dest: Path) -> Path:
     if not shutil.which("apt-get"):
         raise CcmoeError(f"apt-get is not available to fetch Debian's {CORPUS_PACKAGE!r} package for the English corpus",
-                         "pass --corpus FILE with plain English text instead")
+                         "run on a Debian/Ubuntu machine, or pass --calib FILE (plain English text) to commands that take it")
     for attempt in range(2):
         out = subprocess.run(["apt-get", "download", CORPUS_PACKAGE], cwd=dest, capture_output=True, text=True)
         debs = list(dest.glob(f"{CORPUS_PACKAGE}_*.deb"))
@@ -44,7 +44,7 @@ def _download_deb(dest: Path) -> Path:
         if attempt == 0:  # a fresh machine may have no package lists yet
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
     raise CcmoeError(f"could not download Debian package {CORPUS_PACKAGE!r} ({out.stderr.strip()[-200:]})",
-                     "run `apt-get update` or pass --corpus FILE with plain English text")
+                     "run `apt-get update`, or pass --calib FILE (plain English text) to commands that take it")
 
 
 def split_entries(texts: list[str]) -> list[str]:
