@@ -1,0 +1,76 @@
+"""Sensitivity measured with ggml's quantizers on the bundled model, imatrix-weighted and usage-weighted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ccmoe_runtime import sensitivity as S
+from ccmoe_runtime.stats import profile_model
+
+
+@pytest.fixture(scope="module")
+def profiled(engine, bundled_model, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    calib = out / "calib.txt"
+    calib.write_text(corpus.train.read_text()[:40_000])
+    return profile_model(engine, bundled_model, calib, out, ctx=256, chunks=8, threads=2)
+
+
+@pytest.fixture(scope="module")
+def measured(engine, bundled_model, profiled, tmp_path_factory):
+    from pathlib import Path
+
+    return S.measure_sensitivity(engine, bundled_model, Path(profiled["imatrix"]), profiled, rows_per_expert=8)
+
+
+def test_every_weight_is_measured_and_norms_and_router_are_not(measured, bundled_model):
+    from ccmoe_runtime.inventory import read_gguf
+
+    names = set(measured["tensors"])
+    for t in read_gguf(bundled_model).tensors:
+        quantizable = len(t.shape) >= 2 and t.tensor_class not in ("norm", "router")
+        assert (t.name in names) == quantizable, t.name
+    assert set(measured["types"]) == set(S.LADDER)     # an imatrix was given, so the IQ1/IQ2 types are candidates
+
+
+def test_errors_fall_along_the_k_quant_ladder_and_sizes_are_exact(measured):
+    ladder = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    for name, t in measured["tensors"].items():
+        errors = [t["error"][k] for k in ladder]
+        assert errors == sorted(errors, reverse=True), (name, errors)
+        assert t["error"]["Q8_0"] < 1e-3 < t["error"]["IQ1_S"]
+        assert t["bytes"]["Q4_K"] * 8 == pytest.approx(t["n_elements"] * 4.5)
+        assert t["bytes"]["IQ2_XXS"] * 8 == pytest.approx(t["n_elements"] * 2.0625)
+
+
+def test_routed_experts_are_weighted_by_activation_frequency(engine, bundled_model, profiled):
+    from pathlib import Path
+
+    imatrix = Path(profiled["imatrix"])
+    only = {}
+    for expert in (0, 5):
+        freq = np.zeros(8)
+        freq[expert] = 2.0
+        stats = {"layers": {layer: {"frequency": freq.tolist()} for layer in profiled["layers"]}}
+        result = S.measure_sensitivity(engine, bundled_model, imatrix, stats, types=("Q2_K",), rows_per_expert=8)
+        only[expert] = result["tensors"]["blk.1.ffn_down_exps.weight"]
+        assert result["tensors"]["blk.1.attn_q.weight"]["usage"] == 1.0
+    assert only[0]["usage"] == 2.0
+    assert only[0]["error"]["Q2_K"] != pytest.approx(only[5]["error"]["Q2_K"], rel=1e-3)
+
+
+def test_results_are_cached_by_content(engine, bundled_model, profiled, measured, monkeypatch):
+    from pathlib import Path
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measured again although nothing changed")
+
+    monkeypatch.setattr(S, "tensor_errors", must_not_run)
+    again = S.measure_sensitivity(engine, bundled_model, Path(profiled["imatrix"]), profiled, rows_per_expert=8)
+    assert again["tensors"] == measured["tensors"]
+
+
+def test_without_imatrix_the_types_that_need_one_are_left_out(engine, bundled_model):
+    result = S.measure_sensitivity(engine, bundled_model, None, None, types=("IQ2_XXS", "Q2_K", "Q4_K"), rows_per_expert=4)
+    assert result["types"] == ["Q2_K", "Q4_K"]
