@@ -173,3 +173,18 @@ def test_inspect_cli_on_deepseek_v3_inventory():
     assert "671.03B total, 37.55B active" in result.stdout
     data = json.loads(run_cli("inspect", "--json", "inventory:deepseek-v3").stdout)
     assert data["total_params"] == pytest.approx(671e9, rel=0.002)
+
+
+def test_inventory_of_a_llama_quantize_output(engine, bundled_model, tmp_path):
+    """A real k-quant mix made by llama-quantize: same parameters, smaller bytes, the mix's types per class."""
+    import subprocess
+
+    out = tmp_path / "q4km.gguf"
+    done = subprocess.run([str(engine.tool("llama-quantize")), str(bundled_model), str(out), "Q4_K_M", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    f16, q = summarize(read_gguf(bundled_model)), summarize(read_gguf(out))
+    assert q.total_params == f16.total_params and q.n_expert == f16.n_expert
+    assert q.total_bytes < 0.4 * f16.total_bytes
+    assert set(q.types_by_class["routed_expert"]) <= {"Q4_K", "Q6_K", "Q5_K", "Q8_0"}
+    assert set(q.types_by_class["norm"]) == {"F32"}
