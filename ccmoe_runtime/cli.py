@@ -279,7 +279,7 @@ def profile(model, calib, out, ctx, chunks, force, as_json) -> None:
     path = resolve_model_path(model)
     result = profile_model(find_engine(), path, calib or ensure_corpus().train, out, ctx=ctx, chunks=chunks, force=force)
     if as_json:
-        _print_json({k: v for k, v in result.items() if k != "layers"} | {"layers": result["layers"]})
+        _print_json(result)
         return
     click.echo(f"imatrix {result['imatrix']}\nexpert statistics {result['stats']}")
     click.echo(f"layer  entropy (max {np.log2(result['n_expert']):.2f} bits)  most used experts (share of tokens)")
