@@ -1,0 +1,134 @@
+"""Planning: a GGUF type for every tensor that minimises the total measured error under a byte budget."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .devices import GB, DeviceProfile
+from .errors import EXIT_RESOURCE, CcmoeError
+from .inventory import ModelInventory, summarize
+
+PLAN_VERSION = 1
+COMPUTE_BUFFER_BYTES = 1 * 1024**3    # llama.cpp compute buffers and scratch; measured per host in the placement stage
+
+
+@dataclass
+class Budget:
+    """Where the bytes for the weights come from."""
+
+    device: str
+    memory_bytes: int         # usable memory of the device's pools
+    os_reserve_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    weights_bytes: int        # what is left for the weights
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_bytes_per_token(inv: ModelInventory, kv_type_bytes: float = 2.0) -> float:
+    """KV cache bytes one token of context takes (f16 by default); MLA stores the latent and the RoPE key."""
+    n_layer = int(inv.key("block_count", 0) or 0)
+    if inv.arch in ("deepseek2",) and inv.key("attention.kv_lora_rank"):
+        rope = int(inv.key("rope.dimension_count", 64) or 64)
+        return n_layer * (int(inv.key("attention.kv_lora_rank")) + rope) * kv_type_bytes
+    heads_kv = int(inv.key("attention.head_count_kv", 0) or inv.key("attention.head_count", 1) or 1)
+    head_dim = int(inv.key("attention.key_length", 0) or int(inv.key("embedding_length", 0)) // max(int(inv.key("attention.head_count", 1)), 1))
+    return n_layer * 2 * heads_kv * head_dim * kv_type_bytes
+
+
+def device_budget(inv: ModelInventory, device: DeviceProfile, ctx: int, parallel: int,
+                  budget_gb: float | None = None) -> Budget:
+    """Device memory minus OS reserve, KV cache for ctx x parallel and compute buffers (or an explicit budget)."""
+    memory = sum(p.usable_bytes for p in device.pools)
+    reserve = int(device.os_reserve_gb * GB)
+    kv = int(kv_bytes_per_token(inv) * ctx * parallel)
+    weights = int(budget_gb * GB) if budget_gb else memory - reserve - kv - COMPUTE_BUFFER_BYTES
+    return Budget(device.name, memory, reserve, kv, COMPUTE_BUFFER_BYTES, weights)
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.2f} GB" if abs(n) >= GB else f"{n / 1e6:.1f} MB"
+
+
+def _hull(options: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """Lower convex hull of (bytes, error) options, cheapest first: the only choices worth upgrading along."""
+    pts = sorted(options, key=lambda o: (o[1], o[2]))
+    frontier = []
+    for o in pts:
+        if frontier and o[2] >= frontier[-1][2]:
+            continue                       # more bytes, no less error
+        frontier.append(o)
+    hull: list[tuple[str, int, float]] = []
+    for o in frontier:
+        while len(hull) >= 2:
+            (_, b1, e1), (_, b2, e2) = hull[-2], hull[-1]
+            if (e2 - e1) * (o[1] - b1) >= (o[2] - e1) * (b2 - b1):   # hull[-1] lies above the segment
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def choose_types(sensitivity: dict, budget_bytes: int, fixed_bytes: int = 0,
+                 excluded: tuple[str, ...] = ()) -> dict[str, str]:
+    """Greedy upgrades by error saved per byte along each tensor's hull, until the budget is spent."""
+    import heapq
+
+    hulls = {}
+    for name, t in sensitivity["tensors"].items():
+        opts = [(k, t["bytes"][k], t["error"][k] * t.get("usage", 1.0)) for k in t["error"] if k.lower() not in excluded]
+        if not opts:
+            raise CcmoeError(f"no allowed type for {name}", "allow more types on this device")
+        hulls[name] = _hull(opts)
+    choice = {n: 0 for n in hulls}
+    spent = fixed_bytes + sum(h[0][1] for h in hulls.values())
+    if spent > budget_bytes:
+        raise CcmoeError(f"even the smallest plan needs {_size(spent)} but the budget for weights is "
+                         f"{_size(budget_bytes)}", "raise --budget-gb, shorten --ctx/--parallel, or prune more experts",
+                         EXIT_RESOURCE)
+
+    def gain(name: str) -> tuple[float, str]:
+        h, i = hulls[name], choice[name]
+        (_, b0, e0), (_, b1, e1) = h[i], h[i + 1]
+        return (-(e0 - e1) / max(b1 - b0, 1), name)
+
+    heap = [gain(n) for n in hulls if len(hulls[n]) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        h, i = hulls[name], choice[name]
+        extra = h[i + 1][1] - h[i][1]
+        if spent + extra > budget_bytes:
+            continue                       # this step does not fit; smaller steps of other tensors may
+        spent += extra
+        choice[name] = i + 1
+        if choice[name] + 1 < len(h):
+            heapq.heappush(heap, gain(name))
+    return {n: hulls[n][i][0] for n, i in choice.items()}
+
+
+def make_plan(inv: ModelInventory, sensitivity: dict, budget: Budget, excluded: tuple[str, ...] = ()) -> dict:
+    """The plan as plain data: a type, bytes and predicted error per tensor, and totals."""
+    summary = summarize(inv)
+    planned = set(sensitivity["tensors"])
+    fixed = sum(t.n_bytes for t in inv.tensors if t.name not in planned)
+    types = choose_types(sensitivity, budget.weights_bytes, fixed, excluded)
+    tensors = {}
+    for name, typ in types.items():
+        t = sensitivity["tensors"][name]
+        tensors[name] = {"type": typ, "bytes": t["bytes"][typ], "error": t["error"][typ], "class": t["class"],
+                         "layer": t["layer"]}
+    total = fixed + sum(t["bytes"] for t in tensors.values())
+    return {"model": inv.source, "arch": inv.arch, "budget": budget.to_dict(), "total_bytes": total,
+            "fixed_bytes": fixed, "n_expert_used": summary.n_expert_used,
+            "total_error": sum(t["error"] * sensitivity["tensors"][n].get("usage", 1.0) for n, t in tensors.items()),
+            "tensors": tensors}
+
+
+def tensor_type_lines(plan: dict) -> list[str]:
+    """llama-quantize --tensor-type-file lines: one anchored `regex=type` per tensor (patterns are lower-cased)."""
+    return [f"^{re.escape(name)}$={t['type'].lower()}" for name, t in sorted(plan["tensors"].items())]
