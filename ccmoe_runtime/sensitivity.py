@@ -50,9 +50,7 @@ def _rows_as_float(t, ggml: Ggml, index: np.ndarray) -> np.ndarray:
     n_per_row = int(t.shape[0])
     flat = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])[index]
     kind = t.tensor_type
-    if kind == gguf.GGMLQuantizationType.F32:
-        return flat.astype(np.float32)
-    if kind == gguf.GGMLQuantizationType.F16:
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return flat.astype(np.float32)
     if kind == gguf.GGMLQuantizationType.BF16:
         return (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
