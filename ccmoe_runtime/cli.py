@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import __version__
 from .errors import CcmoeError
@@ -271,6 +270,8 @@ def train_bundled_cmd(out, steps, force) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def profile(model, calib, out, ctx, chunks, force, as_json) -> None:
     """Measure expert activation frequency (and the imatrix) on calibration text with llama-imatrix."""
+    import numpy as np
+
     from .corpus import ensure_corpus
     from .engine import find_engine
     from .sources import resolve_model_path

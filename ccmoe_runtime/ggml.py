@@ -88,11 +88,21 @@ class Ggml:
                             n_rows * n_per_row)
         return out
 
+    def round_trip(self, type_id: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """The rows after quantize -> dequantize with this type."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        return self.dequantize(type_id, self.quantize(type_id, rows, imatrix), *rows.shape)
+
     def round_trip_error(self, type_id: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> float:
         """Mean squared error of quantize -> dequantize, weighted per column by the imatrix when given."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        back = self.dequantize(type_id, self.quantize(type_id, rows, imatrix), *rows.shape)
-        err = (back - rows) ** 2
+        err = (self.round_trip(type_id, rows, imatrix) - rows) ** 2
         if imatrix is not None:
             err = err * (imatrix / max(float(imatrix.mean()), 1e-30))[None, :]
         return float(err.mean())
+
+    def relative_error(self, type_id: int, rows: np.ndarray, column_weights: np.ndarray,
+                       imatrix: np.ndarray | None = None) -> float:
+        """Weighted error power over weighted signal power: comparable across tensors of any scale."""
+        err = ((self.round_trip(type_id, rows, imatrix) - rows) ** 2 * column_weights[None, :]).sum()
+        signal = float((rows * rows * column_weights[None, :]).sum()) or 1e-30
+        return float(err) / signal

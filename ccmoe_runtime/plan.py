@@ -34,8 +34,9 @@ def kv_bytes_per_token(inv: ModelInventory, kv_type_bytes: float = 2.0) -> float
     if inv.arch in ("deepseek2",) and inv.key("attention.kv_lora_rank"):
         rope = int(inv.key("rope.dimension_count", 64) or 64)
         return n_layer * (int(inv.key("attention.kv_lora_rank")) + rope) * kv_type_bytes
-    heads_kv = int(inv.key("attention.head_count_kv", 0) or inv.key("attention.head_count", 1) or 1)
-    head_dim = int(inv.key("attention.key_length", 0) or int(inv.key("embedding_length", 0)) // max(int(inv.key("attention.head_count", 1)), 1))
+    heads = int(inv.key("attention.head_count", 1) or 1)
+    heads_kv = int(inv.key("attention.head_count_kv", 0) or heads)
+    head_dim = int(inv.key("attention.key_length", 0) or int(inv.key("embedding_length", 0)) // heads)
     return n_layer * 2 * heads_kv * head_dim * kv_type_bytes
 
 

@@ -48,7 +48,8 @@ def _rows_as_float(t, ggml: Ggml, index: np.ndarray) -> np.ndarray:
     import gguf
 
     n_per_row = int(t.shape[0])
-    flat = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])[index]
+    data = np.asarray(t.data)
+    flat = data.reshape(-1, data.shape[-1])[index]
     kind = t.tensor_type
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return flat.astype(np.float32)
@@ -80,12 +81,9 @@ def tensor_errors(ggml: Ggml, rows: np.ndarray, n_expert: int, importance: np.nd
         if n_per_row % ggml.block_size(tid):
             continue
         errs = np.empty(n_expert)
+        guide = importance is not None or ggml.requires_imatrix(tid)   # flat weights for IQ types without data
         for e in range(n_expert):
-            w = rows[e]
-            back = ggml.dequantize(tid, ggml.quantize(tid, w, imp[e] if importance is not None or ggml.requires_imatrix(tid) else None),
-                                   *w.shape)
-            signal = float((w * w * imp[e][None, :]).sum()) or 1e-30
-            errs[e] = float(((back - w) ** 2 * imp[e][None, :]).sum()) / signal
+            errs[e] = ggml.relative_error(tid, rows[e], imp[e], imp[e] if guide else None)
         out[name] = errs
     return out
 
