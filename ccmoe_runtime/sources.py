@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
 from pathlib import Path
 
 from .errors import CcmoeError
@@ -11,6 +12,8 @@ from .inventory import ModelInventory, load_inventory, read_gguf, shard_paths
 
 HF_PREFIX = "hf:"
 INVENTORY_PREFIX = "inventory:"
+# what a safetensors repo needs for conversion: weights, config and tokenizer files (no remote code)
+HF_FOLDER_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
 _SHARD = re.compile(r"^(?P<stem>.*)-\d{5}-of-(?P<n>\d{5})\.gguf$")
 
 
@@ -39,15 +42,13 @@ def _hf_patterns(pattern: str | None) -> list[str]:
     return [f"*{pattern}*.gguf", f"*{pattern}*/*.gguf"]   # a quant name such as Q4_K_M
 
 
-def resolve_hf(spec: str) -> Path:
-    """Download (or find in the cache) the GGUF files of a hub spec; returns the first shard."""
+def _snapshot(spec: str, repo: str, patterns: list[str]) -> Path:
+    """Download (or find in the cache) the files of `repo` matching `patterns`; returns the snapshot folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo, pattern = parse_hf_spec(spec)
-    patterns = _hf_patterns(pattern)
     try:
-        folder = Path(snapshot_download(repo_id=repo, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id=repo, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise CcmoeError(f"Hugging Face repo {repo!r} was not found", "check the name, or log in for a gated repo") from None
     except LocalEntryNotFoundError:
@@ -55,7 +56,23 @@ def resolve_hf(spec: str) -> Path:
                          "connect and retry, or unset HF_HUB_OFFLINE") from None
     except (HfHubHTTPError, OSError) as e:
         raise CcmoeError(f"downloading {spec} failed ({e})", "retry; finished files are kept and resumed") from None
+
+
+def resolve_hf(spec: str) -> Path:
+    """Download (or find in the cache) the GGUF files of a hub spec; returns the first shard.
+
+    A repo with no GGUF but safetensors weights (spec without a pattern) is downloaded and converted to BF16.
+    """
+    repo, pattern = parse_hf_spec(spec)
+    patterns = _hf_patterns(pattern)
+    folder = _snapshot(spec, repo, patterns)
     files = sorted(p for p in folder.rglob("*.gguf") if any(fnmatch.fnmatch(str(p.relative_to(folder)), pat) for pat in patterns))
+    if not files and pattern is None:
+        from .convert import convert_cached, is_hf_folder
+
+        folder = _snapshot(spec, repo, HF_FOLDER_PATTERNS)
+        if is_hf_folder(folder):
+            return convert_cached(folder, progress=_progress)
     if not files:
         raise CcmoeError(f"{spec} matched no .gguf file in {repo}", "name a file or pattern after the second colon")
     firsts = sorted({str(shard_paths(f)[0]) for f in files})
@@ -65,8 +82,12 @@ def resolve_hf(spec: str) -> Path:
     return Path(firsts[0])
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def resolve_model_path(spec: str | Path | None) -> Path:
-    """A local path for a model spec (None means the bundled default model)."""
+    """A local GGUF path for a model spec (None means the bundled default model; HF folders are converted)."""
     if spec is None or str(spec) in ("", "bundled", "default"):
         path = bundled_model_path()
         if not path.is_file():
@@ -78,6 +99,13 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         raise CcmoeError(f"model {spec} does not exist", "check the path, or use hf:owner/repo[:file] for the hub")
+    if path.is_dir():
+        from .convert import convert_cached, is_hf_folder
+
+        if not is_hf_folder(path):
+            raise CcmoeError(f"{spec} is a folder without config.json and *.safetensors",
+                             "pass a GGUF file or a Hugging Face safetensors folder")
+        return convert_cached(path, progress=_progress)
     return shard_paths(path)[0]
 
 

@@ -6,7 +6,8 @@
 #   3. vendor/llama.cpp from that package and the llama.cpp tools built for this host's backend into
 #      ~/.cache/ccmoe-runtime/engines/<commit>-<backend>-<flags hash> (reused in seconds next time);
 #   4. the English corpus (Debian's `fortunes` package) for tests and calibration.
-# Usage: scripts/setup.sh [--train]   (--train adds torch, needed by the tests that check the training code)
+# Usage: scripts/setup.sh [--train]   (--train adds torch, transformers and sentencepiece, needed by the tests
+#                                     of the training code and of the Hugging Face conversion)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,7 +16,7 @@ CACHE=${CCMOE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ccmoe-runtime}
 PKG=llama-cpp-python==0.3.36
 SDIST="$CACHE/sdist/llama_cpp_python-0.3.36.tar.gz"
 extras="test"
-[ "${1:-}" = "--train" ] && extras="test,train"
+[ "${1:-}" = "--train" ] && extras="test,train,convert"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # shellcheck disable=SC1091
