@@ -20,7 +20,7 @@ from .errors import CcmoeError
 from .ggml import Ggml
 from .inventory import classify_tensor
 
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K",
           "Q5_K", "Q6_K", "Q8_0")
 NEVER_QUANTIZED = ("norm", "router")   # llama-quantize keeps norms and the router as they are
@@ -78,10 +78,10 @@ def tensor_errors(ggml: Ggml, rows: np.ndarray, n_expert: int, importance: np.nd
     out = {}
     for name in types:
         tid = gguf.GGMLQuantizationType[name].value
-        if n_per_row % ggml.block_size(tid):
-            continue
+        if n_per_row % ggml.block_size(tid) or (importance is None and ggml.requires_imatrix(tid)):
+            continue                       # llama-quantize refuses these (e.g. IQ2 for token_embd, which has no imatrix)
         errs = np.empty(n_expert)
-        guide = importance is not None or ggml.requires_imatrix(tid)   # flat weights for IQ types without data
+        guide = importance is not None
         for e in range(n_expert):
             errs[e] = ggml.relative_error(tid, rows[e], imp[e], imp[e] if guide else None)
         out[name] = errs
