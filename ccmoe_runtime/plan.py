@@ -74,14 +74,21 @@ def _hull(options: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]
     return hull
 
 
+def tensor_weights(sensitivity: dict, impact: dict | None = None) -> dict[str, float]:
+    """What one unit of a tensor's relative error costs: its measured output impact, else its usage."""
+    measured = (impact or {}).get("impact", {})
+    return {n: measured.get(n, t.get("usage", 1.0)) for n, t in sensitivity["tensors"].items()}
+
+
 def choose_types(sensitivity: dict, budget_bytes: int, fixed_bytes: int = 0,
-                 excluded: tuple[str, ...] = ()) -> dict[str, str]:
+                 excluded: tuple[str, ...] = (), weights: dict[str, float] | None = None) -> dict[str, str]:
     """Greedy upgrades by error saved per byte along each tensor's hull, until the budget is spent."""
     import heapq
 
+    weights = weights or tensor_weights(sensitivity)
     hulls = {}
     for name, t in sensitivity["tensors"].items():
-        opts = [(k, t["bytes"][k], t["error"][k] * t.get("usage", 1.0)) for k in t["error"] if k.lower() not in excluded]
+        opts = [(k, t["bytes"][k], t["error"][k] * weights[name]) for k in t["error"] if k.lower() not in excluded]
         if not opts:
             raise CcmoeError(f"no allowed type for {name}", "allow more types on this device")
         hulls[name] = _hull(opts)
@@ -112,22 +119,31 @@ def choose_types(sensitivity: dict, budget_bytes: int, fixed_bytes: int = 0,
     return {n: hulls[n][i][0] for n, i in choice.items()}
 
 
-def make_plan(inv: ModelInventory, sensitivity: dict, budget: Budget, excluded: tuple[str, ...] = ()) -> dict:
+def make_plan(inv: ModelInventory, sensitivity: dict, budget: Budget, excluded: tuple[str, ...] = (),
+              impact: dict | None = None) -> dict:
     """The plan as plain data: a type, bytes and predicted error per tensor, and totals."""
     summary = summarize(inv)
     planned = set(sensitivity["tensors"])
     fixed = sum(t.n_bytes for t in inv.tensors if t.name not in planned)
-    types = choose_types(sensitivity, budget.weights_bytes, fixed, excluded)
+    metadata_bytes = max(inv.file_bytes - sum(t.n_bytes for t in inv.tensors), 0)
+    weights = tensor_weights(sensitivity, impact)
+    types = choose_types(sensitivity, budget.weights_bytes, fixed, excluded, weights)
     tensors = {}
     for name, typ in types.items():
         t = sensitivity["tensors"][name]
-        tensors[name] = {"type": typ, "bytes": t["bytes"][typ], "error": t["error"][typ], "class": t["class"],
-                         "layer": t["layer"]}
+        tensors[name] = {"type": typ, "bytes": t["bytes"][typ], "error": t["error"][typ],
+                         "weighted_error": t["error"][typ] * weights[name], "class": t["class"], "layer": t["layer"]}
     total = fixed + sum(t["bytes"] for t in tensors.values())
     return {"model": inv.source, "arch": inv.arch, "budget": budget.to_dict(), "total_bytes": total,
-            "fixed_bytes": fixed, "n_expert_used": summary.n_expert_used,
-            "total_error": sum(t["error"] * sensitivity["tensors"][n].get("usage", 1.0) for n, t in tensors.items()),
-            "tensors": tensors}
+            "fixed_bytes": fixed, "file_bytes": total + metadata_bytes, "n_expert_used": summary.n_expert_used,
+            "objective": "predicted KLD" if impact else "usage-weighted relative error",
+            "total_error": sum(t["weighted_error"] for t in tensors.values()), "tensors": tensors}
+
+
+def plan_overrides(plan: dict) -> list[str]:
+    """llama-quantize --override-kv values the build writes (experts used per token after pruning)."""
+    used = plan.get("experts_used_override")
+    return [f"{plan['arch']}.expert_used_count=int:{used}"] if used else []
 
 
 def tensor_type_lines(plan: dict) -> list[str]:
