@@ -20,6 +20,9 @@ def write_atomic(path: Path, data: bytes, force: bool = True) -> Path:
         raise CcmoeError(f"{path} already exists", "pass --force to overwrite it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would make results unreadable to others
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -40,11 +40,15 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
     tail: collections.deque[str] = collections.deque(maxlen=8)
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout:
-                tail.append(line.rstrip())
-                m = _PROGRESS.match(line)
-                if m and progress:
-                    progress(int(m.group(1)), int(m.group(2)))
+            try:
+                for line in proc.stdout:
+                    tail.append(line.rstrip())
+                    m = _PROGRESS.match(line)
+                    if m and progress:
+                        progress(int(m.group(1)), int(m.group(2)))
+            except BaseException:          # Ctrl-C or SIGTERM: stop the child before its file is removed
+                proc.kill()
+                raise
         if proc.returncode:
             reason = next((x for x in reversed(tail) if "error" in x.lower() or "failed" in x.lower()), tail[-1] if tail else "")
             raise CcmoeError(f"llama-quantize failed on {model} ({reason.strip()})",

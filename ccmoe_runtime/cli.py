@@ -43,10 +43,21 @@ class Cli(click.Group):
             sys.exit(e.exit_code)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and child processes stopped."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ccmoe-run")
 def main() -> None:
     """Deploy pre-pruned Mixture-of-Experts models on small machines with llama.cpp."""
+    _exit_on_sigterm()
 
 
 # ---------------------------------------------------------------- engine
@@ -258,35 +269,199 @@ def train_bundled_cmd(out, steps, force) -> None:
 
 # ---------------------------------------------------------------- statistics
 
+class _Progress:
+    """A click progress bar fed with (done, total) callbacks; silent when not on a terminal."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.done = label, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar, self.done = None, 0
+
+
+def _calibration(calib: Path | None) -> Path:
+    from .corpus import ensure_corpus
+
+    if calib is not None and not Path(calib).is_file():
+        raise CcmoeError(f"calibration text {calib} does not exist", "pass --calib with a plain-text file")
+    return calib or ensure_corpus().train
+
+
 @main.command()
 @click.argument("model")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text (default: the project's English corpus).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("ccmoe-profile"), show_default=True,
-              help="Folder for the imatrix and the expert-statistics artifact.")
+              help="Folder for the imatrix, expert statistics, sensitivity and impact artifacts.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per llama-imatrix chunk.")
 @click.option("--chunks", type=int, default=64, show_default=True, help="Chunks of calibration text to use.")
+@click.option("--impact/--no-impact", default=None,
+              help="Measure each tensor's output impact with probe builds (default: for models up to 4 GB).")
+@click.option("--threads", "-t", type=int, default=None, help="Threads for the llama.cpp tools.")
 @click.option("--force", is_flag=True, help="Overwrite earlier results in the folder.")
 @click.option("--json", "as_json", is_flag=True)
-def profile(model, calib, out, ctx, chunks, force, as_json) -> None:
-    """Measure expert activation frequency (and the imatrix) on calibration text with llama-imatrix."""
+def profile(model, calib, out, ctx, chunks, impact, threads, force, as_json) -> None:
+    """Measure expert activation frequency, the imatrix, per-tensor error per type and output impact."""
     import numpy as np
 
-    from .corpus import ensure_corpus
+    from .compress import run_profile
     from .engine import find_engine
     from .sources import resolve_model_path
-    from .stats import profile_model
 
     path = resolve_model_path(model)
-    result = profile_model(find_engine(), path, calib or ensure_corpus().train, out, ctx=ctx, chunks=chunks, force=force)
+    bar = _Progress("impact probes")
+    try:
+        result = run_profile(find_engine(), path, _calibration(calib), out, ctx=ctx, chunks=chunks, impact=impact,
+                             force=force, threads=threads, progress=bar)
+    finally:
+        bar.close()
     if as_json:
         _print_json(result)
         return
-    click.echo(f"imatrix {result['imatrix']}\nexpert statistics {result['stats']}")
+    click.echo(f"imatrix {result['imatrix']}\nexpert statistics {result['stats']}\nsensitivity {result['sensitivity']}")
+    click.echo(f"impact {result['impact']}" if "impact" in result else "impact not measured (--impact to measure it)")
     click.echo(f"layer  entropy (max {np.log2(result['n_expert']):.2f} bits)  most used experts (share of tokens)")
     for layer, d in result["layers"].items():
         top = np.argsort(d["frequency"])[::-1][:4]
         click.echo(f"  {layer:<5} {d['entropy_bits']:>6.2f}   " + "  ".join(f"{e}:{d['frequency'][e]:.2f}" for e in top))
+
+
+# ---------------------------------------------------------------- plan, build, compress
+
+def _plan_options(f):
+    """Options shared by `plan` and `compress`."""
+    for opt in reversed([
+        click.option("--device", required=True, help="Device profile name, a .toml path, or auto."),
+        click.option("--budget-gb", type=float, default=None, help="Bytes for the weights (default: from the device)."),
+        click.option("--ctx", type=int, default=8192, show_default=True, help="Context per slot the KV cache is sized for."),
+        click.option("--parallel", type=int, default=1, show_default=True, help="Concurrent request slots."),
+        click.option("--experts-used", type=int, default=None,
+                     help="Experts per token (default: scaled by kept/original experts for pruned models)."),
+        click.option("--original-experts", type=int, default=None,
+                     help="Expert count before pruning, when the GGUF does not record it."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _echo_plan(plan: dict, files: dict) -> None:
+    from .plan import summary_lines
+
+    click.echo("\n".join(summary_lines(plan)))
+    click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+@main.command()
+@click.argument("model")
+@_plan_options
+@click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder written by `ccmoe-run profile` (default: prior error model, no weights needed).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("ccmoe-plan.json"), show_default=True)
+@click.option("--png/--no-png", default=True, show_default=True, help="Also draw the plan as a PNG.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan's totals as JSON.")
+def plan(model, device, budget_gb, ctx, parallel, experts_used, original_experts, profile_dir, out, png, force,
+         as_json) -> None:
+    """Choose a GGUF type for every tensor that fits the device and loses least."""
+    from .compress import load_profile, plan_model, save_plan
+    from .devices import get_profile
+    from .engine import find_engine
+    from .sources import open_inventory, resolve_model_path
+
+    dev = get_profile(device)
+    inv = open_inventory(model)
+    prof = load_profile(profile_dir, resolve_model_path(model)) if profile_dir else None
+    result = plan_model(find_engine(), inv, dev, ctx, parallel, budget_gb, prof, experts_used, original_experts)
+    files = save_plan(result, out, force=force, picture=png)
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "tensors"} | {"files": {k: str(p) for k, p in files.items()}})
+    else:
+        _echo_plan(result, files)
+
+
+def _build(model_path: Path, plan_doc: dict, out: Path, imatrix: Path | None, force: bool, threads: int | None) -> dict:
+    from .build import build
+    from .engine import find_engine
+
+    bar = _Progress("quantizing")
+    try:
+        return build(find_engine(), model_path, plan_doc, out, imatrix=imatrix, force=force, threads=threads,
+                     progress=bar)
+    finally:
+        bar.close()
+
+
+def _echo_build(result: dict) -> None:
+    if result["skipped"]:
+        click.echo(f"{result['output']} is up to date (same model, plan, imatrix and engine); nothing to do")
+    else:
+        click.echo(f"wrote {result['output']}: {result['file_bytes']:,} bytes (planned {result['planned_file_bytes']:,}), "
+                   f"{result['tensors']} tensors of the planned types, loads in llama.cpp")
+
+
+@main.command("build")
+@click.argument("model")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="A plan from `ccmoe-run plan`.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The GGUF to write.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="Default: the plan's profile imatrix.")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True)
+def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
+    """Quantize MODEL by a plan with llama-quantize, atomically, and verify the result."""
+    from .compress import load_plan
+    from .sources import resolve_model_path
+
+    plan_doc = load_plan(plan_path)
+    imatrix = imatrix or (Path(plan_doc["imatrix"]) if plan_doc.get("imatrix") else None)
+    result = _build(resolve_model_path(model), plan_doc, out, imatrix, force, threads)
+    _print_json(result) if as_json else _echo_build(result)
+
+
+@main.command()
+@click.argument("model")
+@_plan_options
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The GGUF to write.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (default: the project's English corpus).")
+@click.option("--impact/--no-impact", default=None, help="Measure output impact (default: models up to 4 GB).")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUT and earlier profile results.")
+def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, calib, impact, threads,
+             force) -> None:
+    """profile -> plan -> build in one go; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
+    from .compress import load_profile, plan_model, profile_paths, run_profile, save_plan
+    from .devices import get_profile
+    from .engine import find_engine
+    from .inventory import read_gguf
+    from .sources import resolve_model_path
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise CcmoeError(f"{out} already exists", "pass --force to overwrite it or choose another -o path")
+    dev = get_profile(device)
+    path = resolve_model_path(model)
+    engine = find_engine()
+    work = out.with_name(out.name.removesuffix(".gguf") + ".ccmoe")
+    if not profile_paths(work, path)["sensitivity"].is_file() or force:
+        bar = _Progress("impact probes")
+        try:
+            run_profile(engine, path, _calibration(calib), work, impact=impact, force=True, threads=threads, progress=bar)
+        finally:
+            bar.close()
+    result = plan_model(engine, read_gguf(path), dev, ctx, parallel, budget_gb, load_profile(work, path),
+                        experts_used, original_experts)
+    _echo_plan(result, save_plan(result, work / "plan.json", force=True))
+    _echo_build(_build(path, result, out, Path(result["imatrix"]) if result["imatrix"] else None, force, threads))
 
 
 # ---------------------------------------------------------------- serve

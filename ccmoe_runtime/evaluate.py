@@ -48,12 +48,13 @@ def _perplexity(engine: Engine, args: list[str], what: str, last_line: str = "",
 
 
 def save_reference_logits(engine: Engine, model: Path, text: Path, out: Path, ctx: int = 256,
-                          threads: int | None = None) -> Path:
+                          threads: int | None = None, chunks: int | None = None) -> Path:
     """Run the reference model over `text` and keep its logits for later KL-divergence runs."""
     if not Path(text).is_file():
         raise CcmoeError(f"evaluation text {text} does not exist", "pass a plain-text file")
     tmp = out.with_name(f".{out.name}.part")
     args = ["-m", str(model), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "--kl-divergence-base", str(tmp)]
+    args += ["--chunks", str(chunks)] if chunks else []
     try:
         _perplexity(engine, args + (["-t", str(threads)] if threads else []), str(model))
         tmp.replace(out)

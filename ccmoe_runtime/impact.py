@@ -56,11 +56,11 @@ def _error_gap(sensitivity: dict, names: list[str], typ: str) -> float:
 
 
 def measure_impact(engine: Engine, model: Path, sensitivity: dict, text: Path, work: Path,
-                   imatrix: Path | None = None, max_probes: int = 64, ctx: int = 256,
+                   imatrix: Path | None = None, max_probes: int = 64, ctx: int = 256, chunks: int | None = None,
                    threads: int | None = None, progress=None) -> dict:
     """Per tensor, the KLD added per unit of relative error, from one probe build per group."""
     work.mkdir(parents=True, exist_ok=True)
-    logits = save_reference_logits(engine, model, text, work / "reference.kld", ctx=ctx, threads=threads)
+    logits = save_reference_logits(engine, model, text, work / "reference.kld", ctx=ctx, threads=threads, chunks=chunks)
     probe = work / "probe.gguf"
     quantize(engine, model, probe, REFERENCE_TYPE, [], imatrix=imatrix, threads=threads)
     base = kl_divergence(engine, probe, logits, ctx=ctx, threads=threads)

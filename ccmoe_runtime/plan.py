@@ -10,6 +10,7 @@ from .errors import EXIT_RESOURCE, CcmoeError
 from .inventory import ModelInventory, summarize
 
 PLAN_VERSION = 1
+PLAN_KIND = "plan"
 COMPUTE_BUFFER_BYTES = 1 * 1024**3    # llama.cpp compute buffers and scratch; measured per host in the placement stage
 
 
@@ -120,7 +121,7 @@ def choose_types(sensitivity: dict, budget_bytes: int, fixed_bytes: int = 0,
 
 
 def make_plan(inv: ModelInventory, sensitivity: dict, budget: Budget, excluded: tuple[str, ...] = (),
-              impact: dict | None = None) -> dict:
+              impact: dict | None = None, experts_used: int | None = None) -> dict:
     """The plan as plain data: a type, bytes and predicted error per tensor, and totals."""
     summary = summarize(inv)
     planned = set(sensitivity["tensors"])
@@ -131,11 +132,12 @@ def make_plan(inv: ModelInventory, sensitivity: dict, budget: Budget, excluded: 
     tensors = {}
     for name, typ in types.items():
         t = sensitivity["tensors"][name]
-        tensors[name] = {"type": typ, "bytes": t["bytes"][typ], "error": t["error"][typ],
+        tensors[name] = {"type": typ, "bytes": t["bytes"][typ], "n_elements": t["n_elements"], "error": t["error"][typ],
                          "weighted_error": t["error"][typ] * weights[name], "class": t["class"], "layer": t["layer"]}
     total = fixed + sum(t["bytes"] for t in tensors.values())
     return {"model": inv.source, "arch": inv.arch, "budget": budget.to_dict(), "total_bytes": total,
-            "fixed_bytes": fixed, "file_bytes": total + metadata_bytes, "n_expert_used": summary.n_expert_used,
+            "fixed_bytes": fixed, "file_bytes": total + metadata_bytes, "n_expert": summary.n_expert,
+            "n_expert_used": summary.n_expert_used, "experts_used_override": experts_used,
             "objective": "predicted KLD" if impact else "usage-weighted relative error",
             "total_error": sum(t["weighted_error"] for t in tensors.values()), "tensors": tensors}
 
@@ -149,3 +151,80 @@ def plan_overrides(plan: dict) -> list[str]:
 def tensor_type_lines(plan: dict) -> list[str]:
     """llama-quantize --tensor-type-file lines: one anchored `regex=type` per tensor (patterns are lower-cased)."""
     return [f"^{re.escape(name)}$={t['type'].lower()}" for name, t in sorted(plan["tensors"].items())]
+
+
+def adjusted_experts_used(inv: ModelInventory, requested: int | None = None, original: int | None = None) -> int | None:
+    """Experts per token after pruning: round(k x kept / original) (CC-MoE's activation adjustment), or the
+    user's value; None when nothing changes. `original` defaults to the GGUF's ccmoe.original_expert_count."""
+    summary = summarize(inv)
+    n_expert, k = summary.n_expert, summary.n_expert_used
+    if requested is not None:
+        if not 1 <= requested <= n_expert:
+            raise CcmoeError(f"--experts-used {requested} is outside 1..{n_expert} for this model",
+                             f"pick a value between 1 and {n_expert}")
+        return requested if requested != k else None
+    original = original or int(inv.metadata.get("ccmoe.original_expert_count", 0) or 0)
+    k_original = int(inv.metadata.get("ccmoe.original_expert_used_count", 0) or 0) or k
+    if not original or original <= n_expert:
+        return None
+    adjusted = max(1, round(k_original * n_expert / original))
+    return adjusted if adjusted != k else None
+
+
+def bits(n_bytes: float, n_elements: float) -> float:
+    return 8 * n_bytes / n_elements if n_elements else 0.0
+
+
+def class_bits(plan: dict) -> dict[str, dict]:
+    """Per tensor class: bytes, bits per weight and the types used (planned tensors only)."""
+    out: dict[str, dict] = {}
+    for t in plan["tensors"].values():
+        c = out.setdefault(t["class"], {"bytes": 0, "elements": 0, "types": {}})
+        c["bytes"] += t["bytes"]
+        c["elements"] += t["n_elements"]
+        c["types"][t["type"]] = c["types"].get(t["type"], 0) + 1
+    for c in out.values():
+        c["bpw"] = round(bits(c["bytes"], c["elements"]), 3)
+    return out
+
+
+def tensor_label(name: str) -> str:
+    """A short column label: blk.3.ffn_down_exps.weight -> down_exps, blk.0.attn_kv_a_mqa.weight -> kv_a_mqa."""
+    label = name.split(".", 2)[2].removesuffix(".weight").removeprefix("ffn_")
+    return "attn_out" if label == "attn_output" else label.removeprefix("attn_")
+
+
+def layer_grid(plan: dict) -> tuple[list[int], list[str], dict[tuple[int, str], str]]:
+    """Layers, tensor kinds (name without blk.N.) and the planned type of each (layer, kind)."""
+    grid = {}
+    for name, t in plan["tensors"].items():
+        if t["layer"] is not None:
+            grid[(t["layer"], tensor_label(name))] = t["type"]
+    layers = sorted({k[0] for k in grid})
+    ffn = ("gate", "up", "down")
+    kinds = sorted({k[1] for k in grid}, key=lambda s: (s.split("_")[0] in ffn, s))
+    return layers, kinds, grid
+
+
+def summary_lines(plan: dict) -> list[str]:
+    """A readable summary: budget, totals, bits per class, and one line per layer with each tensor's type."""
+    b = plan["budget"]
+    lines = [f"plan for {plan['model']} on {b['device']}: {_size(plan['file_bytes'])} file, weights "
+             f"{_size(plan['total_bytes'])} of a {_size(b['weights_bytes'])} budget "
+             f"(memory {_size(b['memory_bytes'])} - OS {_size(b['os_reserve_bytes'])} - KV cache "
+             f"{_size(b['kv_cache_bytes'])} - compute {_size(b['compute_bytes'])})",
+             f"objective: {plan['objective']}, total {plan['total_error']:.4g}"]
+    if plan.get("experts_used_override"):
+        lines.append(f"experts used per token: {plan['n_expert_used']} -> {plan['experts_used_override']} "
+                     f"(activation adjustment, written to the GGUF)")
+    lines.append("class            bpw    size       types")
+    for cls, c in sorted(class_bits(plan).items(), key=lambda kv: -kv[1]["bytes"]):
+        types = ", ".join(f"{k} x{n}" for k, n in sorted(c["types"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{cls:<16} {c['bpw']:>5.2f}  {_size(c['bytes']):>10}  {types}")
+    layers, kinds, grid = layer_grid(plan)
+    if layers:
+        width = max(7, *(len(k) for k in kinds))
+        lines.append("layer " + " ".join(f"{k[:width]:>{width}}" for k in kinds))
+        for layer in layers:
+            lines.append(f"{layer:>5} " + " ".join(f"{grid.get((layer, k), '-'):>{width}}" for k in kinds))
+    return lines

@@ -9,6 +9,7 @@ per-expert errors weighted by measured activation frequency. Results are cached 
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
 
@@ -141,3 +142,78 @@ def measure_sensitivity(engine: Engine, model: Path, imatrix: Path | None = None
 
 def save_sensitivity(result: dict, path: Path, force: bool = True) -> Path:
     return save_artifact(path, "sensitivity", SENSITIVITY_VERSION, result, force=force)
+
+
+# ---------------------------------------------------------------- planning without weights
+# Output impact per unit of relative error, by tensor kind, measured on the bundled model with
+# `ccmoe-run profile` (impact.py; docs/compression.md). Whole-model tensors as measured; per-layer kinds as
+# the sum over the model's layers, so that a layer of an L-layer model gets 1/L of it.
+PRIOR_IMPACT = {"output": 0.54, "token_embd": 0.20, "ffn_down": 0.18, "ffn_gate": 0.09, "ffn_up": 0.045,
+                "attn_v": 0.063, "attn_kv_b": 0.063, "attn_output": 0.05, "attn_q": 0.035, "attn_q_a": 0.035,
+                "attn_q_b": 0.035, "attn_k": 0.033, "attn_kv_a_mqa": 0.033}
+PRIOR_ROWS, PRIOR_COLUMNS = 16, 1024
+
+
+def prior_kind(name: str) -> str:
+    """The PRIOR_IMPACT key of a tensor: output, token_embd, attn_v, ffn_down (for dense, shared and routed)..."""
+    base = name.split(".")[-2] if name.endswith((".weight", ".bias")) else name.split(".")[-1]
+    base = re.sub(r"_(exps|shexp|chexps)$", "", base)
+    return base if base in PRIOR_IMPACT else "ffn_down" if base.startswith("ffn_") else "attn_output"
+
+
+GAUSSIAN_TABLE = Path(__file__).with_name("gaussian-errors.json")   # ggml's figures for the pinned engine
+
+
+def gaussian_errors(ggml: Ggml, types: tuple[str, ...], seed: int = 0) -> dict[str, float]:
+    """Relative error of each type on Gaussian rows: the error model when the weights are not at hand."""
+    import gguf
+
+    rows = np.random.default_rng(seed).standard_normal((PRIOR_ROWS, PRIOR_COLUMNS)).astype(np.float32)
+    flat = np.ones(PRIOR_COLUMNS, dtype=np.float32)
+    return {t: ggml.relative_error(gguf.GGMLQuantizationType[t].value, rows, flat, flat) for t in types}
+
+
+def gaussian_table(engine: Engine, ggml: Ggml, types: tuple[str, ...]) -> dict[str, float]:
+    """gaussian_errors for this engine's commit: shipped for the pinned engine (ggml's IQ grids take ~10 s to
+    set up), else measured once and cached."""
+    for path in (GAUSSIAN_TABLE, cache_root() / "sensitivity" / f"gaussian-{engine.commit}.json"):
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("commit") == engine.commit and set(types) <= set(doc["errors"]):
+                return {t: doc["errors"][t] for t in types}
+    errors = gaussian_errors(ggml, types)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"commit": engine.commit, "rows": PRIOR_ROWS, "columns": PRIOR_COLUMNS,
+                                "errors": errors}, indent=1) + "\n")
+    return errors
+
+
+def prior_sensitivity(engine: Engine, inv, types: tuple[str, ...] = LADDER) -> dict:
+    """Sensitivity of every tensor of an inventory from Gaussian-row errors and impact priors by tensor kind."""
+    import gguf
+
+    from .inventory import summarize
+
+    ggml = Ggml(engine)
+    errors = gaussian_table(engine, ggml, types)
+    summary = summarize(inv)
+    n_layer, share = max(summary.n_layers, 1), summary.n_expert_used / max(summary.n_expert, 1)
+    tensors = {}
+    for t in inv.tensors:
+        cls = classify_tensor(t.name)
+        if len(t.shape) < 2 or cls in NEVER_QUANTIZED:
+            continue
+        n_per_row, n_rows = t.shape[0], int(np.prod(t.shape[1:]))
+        ok = [k for k in types if n_per_row % ggml.block_size(gguf.GGMLQuantizationType[k].value) == 0]
+        if cls == "embed_output":          # no imatrix data there (see tensor_errors)
+            ok = [k for k in ok if not ggml.requires_imatrix(gguf.GGMLQuantizationType[k].value)]
+        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
+        impact = PRIOR_IMPACT[prior_kind(t.name)] / (1 if layer is None else n_layer)
+        tensors[t.name] = {
+            "class": cls, "layer": layer, "shape": list(t.shape), "source_type": t.ggml_type,
+            "n_elements": t.n_elements, "usage": impact * (share if cls == "routed_expert" else 1.0),
+            "error": {k: errors[k] for k in ok},
+            "bytes": {k: ggml.row_size(gguf.GGMLQuantizationType[k].value, n_per_row) * n_rows for k in ok},
+        }
+    return {"model": inv.source, "imatrix": None, "types": list(types), "rows_per_expert": 0,
+            "prior": "gaussian rows x impact by tensor kind", "tensors": tensors}

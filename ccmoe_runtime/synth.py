@@ -239,4 +239,5 @@ def builtin_inventory(name: str) -> ModelInventory:
     if name.endswith("pruned192"):
         inv.metadata["deepseek2.expert_used_count"] = 6   # 8 x 192/256, the activation adjustment
         inv.metadata["ccmoe.original_expert_count"] = 256
+        inv.metadata["ccmoe.original_expert_used_count"] = 8
     return inv

@@ -53,6 +53,27 @@ def qwen3moe_model(models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dense_model(models_dir) -> Path:
+    """A tiny dense (no experts) llama GGUF: what the MoE stages must refuse."""
+    import gguf
+    import numpy as np
+
+    path = models_dir / "dense.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    for name, shape in (("token_embd.weight", (32, 64)), ("blk.0.attn_norm.weight", (64,)),
+                        ("blk.0.attn_q.weight", (64, 64)), ("blk.0.ffn_up.weight", (128, 64)),
+                        ("blk.0.ffn_down.weight", (64, 128)), ("output.weight", (32, 64))):
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
 def bundled_model() -> Path:
     from ccmoe_runtime.sources import bundled_model_path
 

@@ -69,25 +69,8 @@ def test_tensor_classes(name, cls):
     assert classify_tensor(name) == cls
 
 
-def _write_dense(path: Path) -> Path:
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(64)
-    for name, shape in (("token_embd.weight", (32, 64)), ("blk.0.attn_norm.weight", (64,)),
-                        ("blk.0.attn_q.weight", (64, 64)), ("blk.0.ffn_up.weight", (128, 64)),
-                        ("blk.0.ffn_down.weight", (64, 128)), ("output.weight", (32, 64))):
-        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def test_dense_model_is_reported_as_dense(tmp_path):
-    path = _write_dense(tmp_path / "dense.gguf")
+def test_dense_model_is_reported_as_dense(dense_model):
+    path = dense_model
     s = summarize(read_gguf(path))
     assert not s.is_moe and s.n_expert == 0 and s.active_params == s.total_params
     with pytest.raises(CcmoeError, match="dense model"):
