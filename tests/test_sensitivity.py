@@ -84,3 +84,17 @@ def test_results_are_cached_by_content(engine, bundled_model, profiled, measured
 def test_without_imatrix_the_types_that_need_one_are_left_out(engine, bundled_model):
     result = S.measure_sensitivity(engine, bundled_model, None, None, types=("IQ2_XXS", "Q2_K", "Q4_K"), rows_per_expert=4)
     assert result["types"] == ["Q2_K", "Q4_K"]
+
+
+def test_shipped_gaussian_error_table_is_what_ggml_measures(engine, measured):
+    # the weight-less planner's error model (sensitivity.GAUSSIAN_TABLE) must be ggml's own figures
+    import json
+
+    from ccmoe_runtime.ggml import Ggml
+
+    shipped = json.loads(S.GAUSSIAN_TABLE.read_text())
+    assert shipped["commit"] == engine.commit
+    fresh = S.gaussian_errors(Ggml(engine), S.LADDER)
+    assert fresh == pytest.approx(shipped["errors"], rel=1e-6)
+    ladder = [fresh[k] for k in ("IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
+    assert ladder == sorted(ladder, reverse=True)
