@@ -464,7 +464,101 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
     _echo_build(_build(path, result, out, Path(result["imatrix"]) if result["imatrix"] else None, force, threads))
 
 
+# ---------------------------------------------------------------- eval
+
+@main.command("eval")
+@click.option("--model", required=True, help="The quantized model (GGUF path or any model spec).")
+@click.option("--reference", required=True, help="The unquantized model it was made from.")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (default: the corpus's held-out part).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per llama-perplexity chunk.")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--history", type=click.Path(path_type=Path), default=None,
+              help="Append the result to this history file (JSON lines) for `ccmoe-run report`.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(model, reference, text, ctx, threads, history, as_json) -> None:
+    """Perplexity, KL-divergence (mean, p99) and top-token agreement against the reference (llama-perplexity)."""
+    from .corpus import ensure_corpus
+    from .engine import find_engine
+    from .evaluate import evaluate
+    from .sources import resolve_model_path
+
+    result = evaluate(find_engine(), resolve_model_path(model), resolve_model_path(reference),
+                      text or ensure_corpus().heldout, ctx=ctx, threads=threads)
+    if history:
+        from .report import append_history
+
+        append_history(history, "eval", result)
+    if as_json:
+        _print_json(result)
+        return
+    p99 = f"{result['p99_kld']:.5f}" if result["p99_kld"] is not None else "n/a (lost from llama.cpp's log)"
+    click.echo(f"model       {result['model']} ({human_size(result['model_bytes'])})\n"
+               f"reference   {result['reference']} ({human_size(result['reference_bytes'])})\n"
+               f"text        {result['text']} ({result['chunks']} chunks of {ctx} tokens)\n"
+               f"perplexity  {result['ppl']:.4f} (reference {result['ppl_base']:.4f})\n"
+               f"mean KLD    {result['mean_kld']:.5f} ± {result['mean_kld_se']:.5f}\n"
+               f"p99 KLD     {p99}\n"
+               f"same top    {100 * result['same_top']:.2f} % of tokens")
+
+
+@main.command()
+@click.option("--history", type=click.Path(path_type=Path), default=Path("ccmoe-results/history.jsonl"),
+              show_default=True, help="History written by `bench` and `eval --history`.")
+@click.option("--placement", type=click.Path(path_type=Path), default=None, help="A placement JSON to draw.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("ccmoe-results/report.html"),
+              show_default=True)
+def report(history, placement, out) -> None:
+    """One HTML page with charts: tokens/s over time, size vs quality, placement per layer."""
+    from .report import write_report
+
+    doc = None
+    if placement:
+        try:
+            doc = json.loads(Path(placement).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CcmoeError(f"cannot read placement {placement} ({e})", "pass a placement JSON from ccmoe-run") from None
+        if not isinstance(doc.get("tensors"), dict):
+            raise CcmoeError(f"{placement} has no per-tensor placement", "pass a placement JSON from ccmoe-run")
+    click.echo(f"wrote {write_report(history, out, doc)}")
+
+
 # ---------------------------------------------------------------- serve
+
+def _placement_for(eng, path: Path, profile, settings, stats_file: Path | None, host_profile: Path | None):
+    """The placement of `path` on `profile` (memory measured with the engine's dry run when it can)."""
+    from .artifacts import load_artifact
+    from .costmodel import load_factors
+    from .inventory import read_gguf, require_moe, summarize
+    from .placement import place
+    from .stats import EXPERT_STATS_VERSION
+
+    inv = read_gguf(path)
+    require_moe(summarize(inv), str(path))
+    stats = load_artifact(stats_file, "expert-stats", EXPERT_STATS_VERSION) if stats_file else None
+    factors = load_factors(profile, host_profile)
+    return inv, factors, stats, place(inv, profile, factors, settings, eng, path, stats)
+
+
+def _placement_options(f):
+    """Options shared by `serve` and `place`."""
+    for opt in reversed([
+        click.option("--kv-type", type=click.Choice(["auto", "f16", "q8_0"]), default="auto", show_default=True,
+                     help="KV cache type; auto picks q8_0 only when it buys at least 5% predicted decode speed."),
+        click.option("--stats", "stats_file", type=click.Path(path_type=Path), default=None,
+                     help="Expert statistics from `ccmoe-run profile` (default: uniform expert use, k/E)."),
+        click.option("--host-profile", type=click.Path(path_type=Path), default=None,
+                     help="Calibration from `ccmoe-run calibrate` (default: this host's, if calibrated)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _quote(args: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in args)
+
 
 @main.command()
 @click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
@@ -474,15 +568,18 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
 @click.option("--api-key", default=None, help="Require this key from clients.")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Concurrent request slots.")
 @click.option("--ctx", type=int, default=4096, show_default=True, help="Context length per slot.")
+@_placement_options
 @click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
-@click.option("--dry-run", is_flag=True, help="Print the llama-server command line and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the llama-server command line, predicted memory and speed; exit.")
 @click.option("--warmup/--no-warmup", default=True, help="Send one streamed chat request and report tokens/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ready message as JSON.")
-def serve(device, model, host, port, api_key, parallel, ctx, llama_cpp_dir, dry_run, warmup, as_json) -> None:
-    """Start llama-server with an OpenAI-compatible API on MODEL for DEVICE; Ctrl-C stops it."""
+def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file, host_profile, llama_cpp_dir, dry_run,
+          warmup, as_json) -> None:
+    """Start llama-server with an OpenAI-compatible API on MODEL, placed for DEVICE; Ctrl-C stops it."""
     from .devices import get_profile
     from .engine import find_engine
-    from .serve import LlamaServer, ServerConfig, environment_threads, serve_forever, server_command, streamed_chat
+    from .placement import Settings, summary_lines
+    from .serve import LlamaServer, ServerConfig, environment_threads, serve_forever, server_command
     from .sources import resolve_model_path
 
     profile = get_profile(device)
@@ -491,35 +588,232 @@ def serve(device, model, host, port, api_key, parallel, ctx, llama_cpp_dir, dry_
     if ctx < 16 or parallel < 1:
         raise CcmoeError("--ctx must be at least 16 and --parallel at least 1", "fix the values")
     threads = min(profile.threads, environment_threads())
-    cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, api_key=api_key)
+    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, threads=threads)
+    inv, factors, stats, placement = _placement_for(eng, path, profile, settings, stats_file, host_profile)
+    cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, api_key=api_key,
+                       extra_args=placement.server_args())
     if dry_run:
-        click.echo(" ".join(server_command(eng, cfg)))
+        if as_json:
+            _print_json({"command": server_command(eng, cfg), "placement": placement.to_dict()})
+        else:
+            click.echo(_quote(server_command(eng, cfg)))
+            click.echo("\n".join(summary_lines(placement)))
         return
     server = LlamaServer(eng, cfg)
     server.start()
 
     def ready() -> None:
-        data = {"base_url": server.base_url + "/v1", "model": str(path), "device": profile.name,
-                "engine": eng.key or str(eng.bin_dir), "pid": server.proc.pid, "log": str(server.log_path)}
+        data = _ready_data(server, eng, profile, path, placement)
         if warmup:
-            try:
-                text, timings = streamed_chat(server.base_url, "Once upon a time", 48, api_key)
-            except OSError as e:   # URLError, HTTPError, timeouts
-                raise CcmoeError(f"the warm-up request to {server.base_url} failed ({e})",
-                                 f"see the server log {server.log_path}", 5) from None
-            data.update(warmup_text=text, prompt_tokens_per_s=round(timings.get("prompt_per_second", 0.0), 1),
-                        generation_tokens_per_s=round(timings.get("predicted_per_second", 0.0), 1))
+            data.update(_warmup(server, api_key, placement, inv, profile, factors, stats))
         if as_json:
             _print_json(data, indent=None)   # one line: scripts read it as soon as the server is ready
         else:
-            click.echo(f"serving {path.name} on {profile.name} ({eng.backend}); OpenAI base URL: {data['base_url']}")
-            if warmup:
-                click.echo(f"warm-up: prompt {data['prompt_tokens_per_s']} tok/s, "
-                           f"generation {data['generation_tokens_per_s']} tok/s: {data['warmup_text'][:70]!r}")
-            click.echo("Ctrl-C stops the server.")
+            _echo_ready(data, placement, warmup)
         sys.stdout.flush()
 
     sys.exit(serve_forever(server, ready))
+
+
+def _ready_data(server, eng, profile, path: Path, placement) -> dict:
+    return {"base_url": server.base_url + "/v1", "model": str(path), "device": profile.name,
+            "engine": eng.key or str(eng.bin_dir), "pid": server.proc.pid, "log": str(server.log_path),
+            "kv_type": placement.kv_type, "overrides": placement.overrides,
+            "predicted_memory_bytes": {k: u.total for k, u in placement.memory.items()},
+            "predicted_prompt_tokens_per_s": placement.predicted_empty.prompt_tps,
+            "predicted_generation_tokens_per_s": placement.predicted_empty.decode_tps}
+
+
+_WARMUP_TEXT = ("Once upon a time a small machine served a very large model to everyone who asked, one token after "
+                "another, and nobody noticed that most of the experts slept in the slow memory while the busy ones "
+                "worked fast. ")
+
+
+def warmup_prompt(ctx: int, ctx_train: int) -> str:
+    """A prompt long enough for its speed to mean something (up to a few hundred tokens) that still fits the
+    slot's context with the 48-token answer (at least 2 characters a token, to be safe)."""
+    chars = max(16, 2 * (min(ctx, ctx_train or ctx) - 64))
+    text = _WARMUP_TEXT * 4
+    return text[:chars].rsplit(" ", 1)[0]
+
+
+def _warmup(server, api_key, placement, inv, profile, factors, stats) -> dict:
+    """One streamed chat request: measured prompt and generation tok/s beside the predicted ones for its lengths."""
+    import psutil
+
+    from .placement import repredict
+    from .serve import streamed_chat
+
+    try:
+        prompt = warmup_prompt(placement.settings.ctx, int(inv.key("context_length", 0) or 0))
+        text, timings = streamed_chat(server.base_url, prompt, 48, api_key)
+    except OSError as e:   # URLError, HTTPError, timeouts
+        raise CcmoeError(f"the warm-up request to {server.base_url} failed ({e})",
+                         f"see the server log {server.log_path}", 5) from None
+    n_prompt, n_gen = int(timings.get("prompt_n", 1) or 1), int(timings.get("predicted_n", 1) or 1)
+    pred = repredict(placement, inv, profile, factors, n_prompt, n_prompt + n_gen // 2, stats)
+    return {"warmup_text": text, "prompt_tokens_per_s": round(timings.get("prompt_per_second", 0.0), 1),
+            "generation_tokens_per_s": round(timings.get("predicted_per_second", 0.0), 1),
+            "warmup_prompt_tokens": n_prompt, "warmup_generated_tokens": n_gen,
+            "warmup_predicted_prompt_tokens_per_s": round(pred.prompt_tps, 1),
+            "warmup_predicted_generation_tokens_per_s": round(pred.decode_tps, 1),
+            "server_rss_bytes": psutil.Process(server.proc.pid).memory_info().rss}
+
+
+def _echo_ready(data: dict, placement, warmup: bool) -> None:
+    from .placement import summary_lines
+
+    click.echo(f"serving {Path(data['model']).name} on {data['device']}; OpenAI base URL: {data['base_url']}")
+    click.echo("\n".join(summary_lines(placement)))
+    if warmup:
+        click.echo(f"warm-up ({data['warmup_prompt_tokens']}-token prompt, {data['warmup_generated_tokens']} tokens): "
+                   f"prompt {data['prompt_tokens_per_s']} tok/s (predicted {data['warmup_predicted_prompt_tokens_per_s']}), "
+                   f"generation {data['generation_tokens_per_s']} tok/s (predicted "
+                   f"{data['warmup_predicted_generation_tokens_per_s']}); llama-server RSS "
+                   f"{data['server_rss_bytes'] / 1e6:.0f} MB: {data['warmup_text'][:60]!r}")
+    click.echo("Ctrl-C stops the server.")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context length per slot.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Concurrent request slots.")
+@_placement_options
+@click.option("--ubatch", type=int, default=512, show_default=True, help="Physical batch (-ub).")
+@click.option("--margin-mb", type=int, default=256, show_default=True, help="Free memory left in each pool.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Save the placement artifact (JSON).")
+@click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
+@click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
+def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, ubatch, margin_mb, out, llama_cpp_dir,
+          as_json) -> None:
+    """Choose where each tensor of MODEL lives on DEVICE (GPU or CPU memory) and predict the speed."""
+    from .devices import get_profile
+    from .engine import find_engine
+    from .placement import MIB, Settings, save_placement, summary_lines
+    from .serve import environment_threads
+    from .sources import resolve_model_path
+
+    profile = get_profile(device)
+    try:   # llama.cpp's dry run measures memory where this host has the device's backend; else it is estimated
+        eng = find_engine(None if llama_cpp_dir else profile.backend, llama_cpp_dir)
+    except CcmoeError:
+        eng = None
+    path = resolve_model_path(model)
+    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, ubatch=ubatch, margin_bytes=margin_mb * MIB,
+                        threads=min(profile.threads, environment_threads()))
+    placement = _placement_for(eng, path, profile, settings, stats_file, host_profile)[3]
+    if out:
+        save_placement(placement, out)
+    if as_json:
+        _print_json(placement.to_dict())
+    else:
+        click.echo("\n".join(summary_lines(placement)))
+        click.echo(f"llama-server flags: {_quote(placement.launch_args())}")
+        if out:
+            click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Host profile to write (default: the cache's, which serve and place then use).")
+@click.option("--size-mb", type=int, default=None, help="Size of each medium model (default: 1500 on GPUs, 200 on CPUs).")
+@click.option("--types", default=None, help="Weight types to measure, comma-separated (default: q8_0,q4_0 on GPUs, "
+                                            "f16,q8_0,q4_0 on CPUs).")
+@click.option("--reps", "-r", type=int, default=3, show_default=True, help="llama-bench repetitions.")
+@click.option("--threads", "-t", type=int, default=None, help="Threads (default: llama-bench's).")
+@click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
+@click.option("--json", "as_json", is_flag=True)
+def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, as_json) -> None:
+    """Measure this host's decode efficiency, per-layer and split costs, prompt throughput and link speed with
+    llama-bench on generated models; serve and place use them."""
+    from .calibrate import calibrate as run_calibration
+    from .costmodel import host_profile_path
+    from .devices import get_profile
+    from .engine import find_engine
+    from .synth import SYNTH_TYPES
+
+    profile = get_profile(device)
+    eng = find_engine(None if llama_cpp_dir else profile.backend, llama_cpp_dir)
+    type_list = [t.strip() for t in types.split(",")] if types else None
+    for t in type_list or []:
+        if t not in SYNTH_TYPES:
+            raise CcmoeError(f"cannot calibrate type {t!r}", f"choose from {', '.join(SYNTH_TYPES)}")
+    out = out or host_profile_path(profile, eng.backend)
+    say = None if as_json else (lambda msg: click.echo(msg, err=True))
+    result = run_calibration(eng, profile, out, size_mb, type_list, reps, threads, say)
+    if as_json:
+        _print_json(result)
+        return
+    f = result["factors"]
+    click.echo(f"host profile {out} ({result['seconds']} s)")
+    click.echo(f"  per token {f['token_s'] * 1e6:.0f} us + {f['layer_s'] * 1e6:.1f} us per layer; "
+               f"split {f['split_s'] * 1e6:.0f} us; prompt {f['pp_flops'].get('gpu' if profile.backend != 'cpu' else 'cpu', 0) / 1e12:.2f} TFLOP/s"
+               + (f"; link {f['link_gbs']} GB/s" if f.get("link_gbs") else ""))
+    click.echo("  decode efficiency: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(f["efficiency"].items())))
+    for run, r in result["fit"].items():
+        click.echo(f"  {run:<18} tg {r['measured_tg']:>9.1f} (model {r['predicted_tg']:>9.1f})  "
+                   f"pp {r['measured_pp']:>9.1f} (model {r['predicted_pp']:>9.1f})")
+
+
+# ---------------------------------------------------------------- prune
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The pruned GGUF to write.")
+@click.option("--keep", type=int, default=None, help="Experts to keep in every MoE layer.")
+@click.option("--keep-ratio", type=float, default=None, help="Share of experts to keep, rounded up (e.g. 0.75).")
+@click.option("--method", default="importance", show_default=True,
+              help="importance (alpha x frequency + (1 - alpha) x mean score), frequency (alpha 1) or random.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Weight of activation frequency against mean routing score, both divided by the layer maximum.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for the router statistics (default: the project's English corpus).")
+@click.option("--stats", "stats_file", type=click.Path(path_type=Path), default=None,
+              help="Router statistics to reuse (default: measured, cached as OUT's folder/MODEL.router-stats.json).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random.")
+@click.option("--experts-used", type=int, default=None,
+              help="Experts per token (default: max(1, round(k x kept / original experts))).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per calibration chunk.")
+@click.option("--chunks", type=int, default=64, show_default=True, help="Calibration chunks to use.")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def prune(model, out, keep, keep_ratio, method, alpha, calib, stats_file, seed, experts_used, ctx, chunks, threads,
+          force, as_json) -> None:
+    """Drop the least important experts of every MoE layer by router statistics; write a smaller GGUF."""
+    from .engine import find_engine
+    from .prune import prune_model
+    from .router import load_router_stats
+    from .sources import resolve_model_path
+
+    path = resolve_model_path(model)
+    stats = load_router_stats(stats_file) if stats_file else None
+    needs_text = stats is None and method != "random"
+    result = prune_model(find_engine() if needs_text else None, path, out, keep, keep_ratio, method, alpha, seed,
+                         _calibration(calib) if needs_text else None, stats, stats_file, experts_used, ctx, chunks,
+                         threads, force)
+    if as_json:
+        _print_json(result)
+        return
+    c = result["counts"]
+    how = f"alpha {result['alpha']:g}" if result["alpha"] is not None else f"seed {result['seed']}"
+    click.echo(f"pruned {path.name} ({result['arch']}): {c['n_expert']} -> {c['n_keep']} experts in "
+               f"{len(result['kept'])} MoE layers by {result['method']} ({how})")
+    if result["tokens"]:
+        click.echo(f"router statistics: {result['tokens']} tokens of {result['calibration']}, score "
+                   f"{result['score_node']} ({result['stats']})")
+    click.echo(f"experts used per token {c['experts_used']} -> {c['experts_used_new']}"
+               + ("" if experts_used else f" (max(1, round({c['original_expert_used_count']} x {c['n_keep']} / "
+                                           f"{c['original_expert_count']})))"))
+    for note in c["notes"]:
+        click.echo(f"note: {note}")
+    click.echo("layer  kept experts" + " " * 20 + "share of calibration routings kept")
+    for layer, ids in result["kept"].items():
+        share = result["kept_share"][layer]
+        click.echo(f"  {layer:<5}{' '.join(map(str, ids)):<32}{'-' if share is None else f'{100 * share:.1f}%'}")
+    click.echo(f"size {human_size(result['bytes_before'])} -> {human_size(result['bytes_after'])}; wrote {result['output']}")
 
 
 if __name__ == "__main__":

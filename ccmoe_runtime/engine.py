@@ -27,7 +27,9 @@ BACKENDS = ("cpu", "cuda", "metal", "vulkan", "hip")
 
 # Tools the pipeline runs; `llama` is the shared library the Python bindings load.
 TOOLS = ("llama-server", "llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity", "ggml-rpc-server")
-BUILD_TARGETS = (*TOOLS, "llama")
+# Built and used when present: llama-fit-params --fit-print is llama.cpp's own dry-run memory estimate (placement).
+OPTIONAL_TOOLS = ("llama-fit-params",)
+BUILD_TARGETS = (*TOOLS, *OPTIONAL_TOOLS, "llama")
 
 # Options each tool must offer for ccmoe-run to work (checked against `--help`).
 REQUIRED_FEATURES = {
@@ -274,7 +276,7 @@ def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "bin").mkdir(parents=True)
     for item in bin_dir.iterdir():
-        if item.is_file() and (item.name in TOOLS or ".so" in item.name or item.suffix == ".dylib"):
+        if item.is_file() and (item.name in TOOLS + OPTIONAL_TOOLS or ".so" in item.name or item.suffix == ".dylib"):
             shutil.copy2(item, tmp / "bin" / item.name, follow_symlinks=False)
     manifest = {"backend": backend, "key": key, "commit": commit, "flags": flags,
                 "package": f"{PINNED_PACKAGE}=={PINNED_VERSION}", "build_seconds": round(seconds, 1),

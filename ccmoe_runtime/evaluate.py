@@ -105,3 +105,31 @@ def kl_divergence(engine: Engine, model: Path, reference_logits: Path, ctx: int 
                    ppl=_stat(out, r"Mean PPL\(Q\)") or last["ppl"],
                    ppl_base=_stat(out, r"Mean PPL\(base\)") or last["ppl_base"],
                    chunks=int(total.group(1)) if mean is not None and total else last["chunks"])
+
+
+def cached_reference_logits(engine: Engine, reference: Path, text: Path, ctx: int = 256,
+                            threads: int | None = None) -> Path:
+    """The reference model's logits over `text`, kept in the cache by (model, text, ctx, engine)."""
+    import hashlib
+
+    from .build import file_digest
+    from .engine import cache_root
+
+    key = hashlib.sha256("\n".join([file_digest(reference), file_digest(text), str(ctx), engine.key]).encode())
+    path = cache_root() / "eval" / f"{key.hexdigest()[:24]}.kld"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_reference_logits(engine, reference, text, path, ctx=ctx, threads=threads)
+    return path
+
+
+def evaluate(engine: Engine, model: Path, reference: Path, text: Path, ctx: int = 256,
+             threads: int | None = None) -> dict:
+    """Perplexity, mean and p99 KL-divergence and top-token agreement of `model` against `reference` on `text`."""
+    if not Path(text).is_file():
+        raise CcmoeError(f"evaluation text {text} does not exist", "pass --text with a plain-text file")
+    logits = cached_reference_logits(engine, reference, text, ctx, threads)
+    q = kl_divergence(engine, model, logits, ctx=ctx, threads=threads)
+    return {"model": str(model), "reference": str(reference), "text": str(text), "ctx": ctx,
+            "model_bytes": Path(model).stat().st_size, "reference_bytes": Path(reference).stat().st_size,
+            **q.to_dict()}

@@ -163,6 +163,8 @@ def adjusted_experts_used(inv: ModelInventory, requested: int | None = None, ori
             raise CcmoeError(f"--experts-used {requested} is outside 1..{n_expert} for this model",
                              f"pick a value between 1 and {n_expert}")
         return requested if requested != k else None
+    if "ccmoe.pruning" in inv.metadata and original is None:
+        return None                    # `ccmoe-run prune` already set k (adjusted, or the user's --experts-used)
     original = original or int(inv.metadata.get("ccmoe.original_expert_count", 0) or 0)
     k_original = int(inv.metadata.get("ccmoe.original_expert_used_count", 0) or 0) or k
     if not original or original <= n_expert:

@@ -161,15 +161,20 @@ def _tensor_data(name: str, shape: tuple[int, ...], s: SynthSpec, rng: np.random
     return data.astype(np.float16)
 
 
-def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_tensors: int = 0) -> Path:
+def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_tensors: int = 0,
+                      qtype: str = "f16") -> Path:
     """A deterministic random-weight MoE GGUF (F16 weights, F32 norms) that llama.cpp loads and runs.
 
-    With `split_max_tensors` it is written as shards (`NAME-00001-of-0000N.gguf`); the first is returned."""
+    With `split_max_tensors` it is written as shards (`NAME-00001-of-0000N.gguf`); the first is returned.
+    With `qtype` q8_0 or q4_0 the weights are written directly as random blocks of that type (see
+    `write_quantized_gguf`), so a model of tens of GB needs neither an F16 copy nor the memory for one."""
     import gguf
 
     path = Path(path)
     if path.exists() and not force:
         raise CcmoeError(f"{path} already exists", "pass --force to overwrite it")
+    if qtype != "f16":
+        return write_quantized_gguf(s, path, qtype)
     layout = tensor_layout(s)
     rng = np.random.default_rng(s.seed)
     u = rng.standard_normal(s.n_embd).astype(np.float32)
@@ -193,6 +198,112 @@ def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_t
         return path.parent / written[0].name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- quantized generation
+
+SYNTH_TYPES = ("f16", "q8_0", "q4_0")
+# Standard deviation of one quant times its block scale: uniform int8 in [-127, 127], and (nibble - 8) in [-8, 7].
+_QUANT_STD = {"q8_0": 73.6, "q4_0": 4.61}
+_POOL_BLOCKS = 1 << 20          # random blocks drawn once and reused (shifted) for every tensor
+_CHUNK_BLOCKS = 1 << 20         # blocks written per call
+
+
+def _ggml_qtype(qtype: str):
+    import gguf
+
+    return {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
+
+
+def _file_type(qtype: str):
+    import gguf
+
+    return {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+
+
+def _quant_pool(qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random quants for `_POOL_BLOCKS` blocks as (blocks, block bytes) uint8, scale bytes left zero."""
+    width = 32 if qtype == "q8_0" else 16
+    pool = np.zeros((_POOL_BLOCKS, 2 + width), dtype=np.uint8)
+    pool[:, 2:] = rng.integers(0, 256, size=(_POOL_BLOCKS, width), dtype=np.uint8)
+    if qtype == "q8_0":
+        pool[:, 2:][pool[:, 2:] == 128] = 129          # int8 -128 is outside llama.cpp's symmetric range
+    return pool
+
+
+def _stored_type(name: str, shape: tuple[int, ...], keep_f32: bool, s: SynthSpec) -> str:
+    """How a tensor is stored: F32 norms, biases and routers (llama.cpp never quantizes those); F16 when its rows
+    do not split into 32-wide blocks or its values carry the skew; else random quantized blocks."""
+    if keep_f32 or name.endswith("ffn_gate_inp.weight"):
+        return "f32"
+    if shape[0] % 32 or (s.skew > 0 and name == "token_embd.weight"):
+        return "f16"
+    return "quant"
+
+
+def _write_blocks(fout, n_blocks: int, std: float, qtype: str, pool: np.ndarray, offset: int) -> None:
+    """Stream `n_blocks` blocks: the pool's quants (from `offset`, wrapping) with scales giving `std`."""
+    scale = np.array([std / _QUANT_STD[qtype]], dtype=np.float16).view(np.uint8)
+    done = 0
+    while done < n_blocks:
+        start = (offset + done) % _POOL_BLOCKS
+        count = min(_CHUNK_BLOCKS, n_blocks - done, _POOL_BLOCKS - start)
+        chunk = pool[start:start + count].copy()
+        chunk[:, 0:2] = scale
+        fout.write(chunk.data)
+        done += count
+
+
+def write_quantized_gguf(s: SynthSpec, path: Path, qtype: str) -> Path:
+    """A random-weight MoE GGUF whose weight matrices are Q8_0 or Q4_0 blocks (small F16 scales, random quants)."""
+    import gguf
+
+    if qtype not in SYNTH_TYPES:
+        raise CcmoeError(f"cannot generate weights of type {qtype!r}", f"choose one of: {', '.join(SYNTH_TYPES)}")
+    layout = tensor_layout(s)
+    rng = np.random.default_rng(s.seed)
+    u = rng.standard_normal(s.n_embd).astype(np.float32)
+    u /= np.linalg.norm(u)
+    block_bytes = gguf.GGML_QUANT_SIZES[_ggml_qtype(qtype)][1]
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        w = gguf.GGUFWriter(str(tmp), s.arch)
+        add_metadata(w, s)
+        w.add_file_type(_file_type(qtype))
+        add_vocab_to_gguf(w, byte_vocab(s.vocab_size))
+        w.add_string("ccmoe.synth_spec", str(asdict(s)))
+        plan = []
+        for name, shape, keep_f32 in layout:
+            kind = _stored_type(name, shape, keep_f32, s)
+            n = int(np.prod(shape))
+            np_shape = tuple(reversed(shape))
+            if kind == "quant":
+                w.add_tensor_info(name, np_shape, np.dtype(np.float32), n // 32 * block_bytes, raw_dtype=_ggml_qtype(qtype))
+            else:
+                dtype = np.dtype(np.float32 if kind == "f32" else np.float16)
+                w.add_tensor_info(name, np_shape, dtype, n * dtype.itemsize)
+            plan.append((name, shape, kind, n))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        pool = _quant_pool(qtype, rng)
+        for name, shape, kind, n in plan:
+            w.write_padding(fout, fout.tell())
+            if kind == "quant":
+                std = 1.0 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[0])
+                _write_blocks(fout, n // 32, float(std), qtype, pool, int(rng.integers(0, _POOL_BLOCKS)))
+                nbytes = n // 32 * block_bytes
+            else:
+                data = _tensor_data(name, shape, s, rng, u).astype(np.float32 if kind == "f32" else np.float16)
+                fout.write(data.tobytes())
+                nbytes = data.nbytes
+            w.write_padding(fout, nbytes)
+        w.close()
+        tmp.replace(path)
+        return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def layout_inventory(s: SynthSpec, dtype: str = "BF16", source: str = "") -> ModelInventory:
@@ -241,3 +352,41 @@ def builtin_inventory(name: str) -> ModelInventory:
         inv.metadata["ccmoe.original_expert_count"] = 256
         inv.metadata["ccmoe.original_expert_used_count"] = 8
     return inv
+
+
+# ---------------------------------------------------------------- python -m ccmoe_runtime.synth
+
+def spec_from_args(argv: list[str] | None = None) -> tuple[SynthSpec, Path, str, bool]:
+    """Parse `python -m ccmoe_runtime.synth` arguments into a spec, an output path, a type and --force."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ccmoe_runtime.synth",
+                                description="Write a random-weight MoE GGUF (F16, or Q8_0/Q4_0 blocks written directly).")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--type", dest="qtype", choices=SYNTH_TYPES, default="f16")
+    p.add_argument("--force", action="store_true")
+    fields = {"arch": str, "name": str, "vocab_size": int, "ctx": int, "n_embd": int, "n_layer": int, "n_head": int,
+              "n_head_kv": int, "head_dim": int, "n_expert": int, "n_expert_used": int, "n_ff_exp": int,
+              "n_dense_lead": int, "n_ff": int, "n_expert_shared": int, "skew": float, "seed": int}
+    for name, typ in fields.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=getattr(SynthSpec, name))
+    a = p.parse_args(argv)
+    spec = SynthSpec(**{k: getattr(a, k) for k in fields})
+    spec.check()
+    return spec, a.out, a.qtype, a.force
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        spec, out, qtype, force = spec_from_args(argv)
+        path = write_random_gguf(spec, out, force=force, qtype=qtype)
+    except CcmoeError as e:
+        print(f"synth: error: {e.one_line()}")
+        return e.exit_code
+    n = sum(int(np.prod(shape)) for _, shape, _ in tensor_layout(spec))
+    print(f"wrote {path}: {n / 1e9:.2f}B parameters, {path.stat().st_size / 1e9:.2f} GB ({qtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,3 +36,13 @@ echo "== llama.cpp engine (cached by commit + backend + flags)"
 ccmoe-run engine build ${CCMOE_BACKEND:+--backend "$CCMOE_BACKEND"}
 echo "== English corpus"
 ccmoe-run corpus
+# The report test renders the HTML report in a real browser: Debian's chromium (~15 s to install as root).
+if [ "${1:-}" = "--train" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== chromium (for the report test)"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+      || echo "   chromium could not be installed; the report test will be skipped"
+  else
+    echo "== chromium not found and not root: the report's browser test will be skipped (apt-get install chromium)"
+  fi
+fi

@@ -180,3 +180,25 @@ def test_interrupted_build_leaves_no_file_and_no_process(models_dir, tmp_path):
     assert proc.wait(timeout=30) != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.types.txt"]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_eval_reports_quality_against_the_reference(pipeline, bundled_model, corpus):
+    result = run_cli("eval", "--model", str(pipeline["out"]), "--reference", str(bundled_model), "--json", "-t", "2",
+                     check=True)
+    q = json.loads(result.stdout)
+    assert 0 < q["mean_kld"] < 0.05 and 0.85 < q["same_top"] < 1.0
+    assert q["ppl_base"] < q["ppl"] < 1.1 * q["ppl_base"] and q["chunks"] > 100
+    same = run_cli("eval", "--model", str(bundled_model), "--reference", str(bundled_model), "--json", check=True)
+    assert abs(json.loads(same.stdout)["mean_kld"]) < 1e-4                 # the reference against itself
+    text = run_cli("eval", "--model", str(pipeline["out"]), "--reference", str(bundled_model), check=True).stdout
+    assert "mean KLD" in text and "same top" in text
+
+
+def test_a_model_pruned_by_ccmoe_keeps_the_experts_used_prune_chose(bundled_model, tmp_path):
+    pruned = tmp_path / "p.gguf"
+    run_cli("prune", str(bundled_model), "--keep", "4", "--experts-used", "2", "-o", str(pruned), "-t", "2",
+            check=True, timeout=600)
+    assert read_gguf(pruned).key("expert_used_count") == 2
+    plan = tmp_path / "p.json"
+    run_cli("plan", str(pruned), "--device", "cpu", "--budget-gb", "0.004", "-o", str(plan), "--no-png", check=True)
+    assert json.loads(plan.read_text())["experts_used_override"] is None    # not scaled a second time

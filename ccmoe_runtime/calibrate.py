@@ -1,0 +1,289 @@
+"""`ccmoe-run calibrate`: measure the cost model's factors on this host with llama-bench on generated models.
+
+Two tiny models (2 and 12 layers) give the fixed and per-layer cost of a token; one medium model per weight type
+gives the decode efficiency of each pool and the prompt throughput; on a GPU host the same models with
+`-ot exps=CPU` give the cost of a CPU<->GPU split, the CPU pool's efficiency and the link's copy rate.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .costmodel import (MIB, Factors, TensorLoad, default_factors, main_pool, pool_bandwidth, predict,
+                        save_host_profile, tensor_loads)
+from .devices import DeviceProfile
+from .engine import Engine
+from .errors import EXIT_ENGINE, CcmoeError
+from .inventory import read_gguf, summarize
+from .synth import SynthSpec, write_random_gguf
+
+TINY_LAYERS = (2, 12)
+N_PROMPT, N_GEN = 512, 64
+
+
+@dataclass
+class CalModel:
+    """A generated model used for calibration and what the cost model knows of it."""
+
+    role: str                        # tiny2, tiny12, medium-q8_0 ...
+    path: Path
+    qtype: str
+    loads: list[TensorLoad]
+    n_layers: int
+    n_moe_layers: int
+
+
+def tiny_spec(n_layer: int) -> SynthSpec:
+    return SynthSpec(arch="qwen3moe", name=f"cal-tiny{n_layer}", n_embd=256, n_layer=n_layer, n_head=4, n_head_kv=2,
+                     head_dim=64, n_expert=16, n_expert_used=4, n_ff_exp=256, seed=11)
+
+
+def medium_spec(size_mb: int, qtype: str, wide: bool) -> SynthSpec:
+    """A qwen3moe of about `size_mb` MB in `qtype` (wider layers on GPU hosts)."""
+    n_embd, n_ff = (2048, 1024) if wide else (1024, 512)
+    bytes_per_weight = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[qtype]
+    per_layer = (3 * n_embd * n_ff * 32 + 2 * n_embd * 2048 + 2 * n_embd * 512) * bytes_per_weight
+    layers = max(2, round(size_mb * 1e6 / per_layer))
+    return SynthSpec(arch="qwen3moe", name=f"cal-medium-{qtype}", n_embd=n_embd, n_layer=layers, n_head=16,
+                     n_head_kv=4, head_dim=128, n_expert=32, n_expert_used=4, n_ff_exp=n_ff, seed=12)
+
+
+def make_models(folder: Path, size_mb: int, types: list[str], wide: bool) -> list[CalModel]:
+    """Generate the calibration models (Q8_0 tiny ones, one medium one per type)."""
+    out = []
+    specs = [(f"tiny{n}", tiny_spec(n), "q8_0") for n in TINY_LAYERS]
+    specs += [(f"medium-{t}", medium_spec(size_mb, t, wide), t) for t in types]
+    for role, spec, qtype in specs:
+        path = write_random_gguf(spec, folder / f"{spec.name}.gguf", force=True, qtype=qtype)
+        inv = read_gguf(path)
+        s = summarize(inv)
+        out.append(CalModel(role, path, qtype, tensor_loads(inv), s.n_layers, len(s.moe_layers)))
+    return out
+
+
+def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int,
+              threads: int | None) -> dict[tuple[str, str], float]:
+    """llama-bench over the models: {(role, "pp"|"tg"): seconds per token (median of the repetitions)}."""
+    cmd = [str(engine.tool("llama-bench"))]
+    for m in models:
+        cmd += ["-m", str(m.path)]
+    cmd += ["-p", str(N_PROMPT), "-n", str(N_GEN), "-r", str(reps), "-o", "json", *args]
+    if threads:
+        cmd += ["-t", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+        raise CcmoeError(f"llama-bench failed during calibration ({tail})", "run `ccmoe-run engine info`", EXIT_ENGINE)
+    by_path = {str(m.path): m.role for m in models}
+    result = {}
+    for row in json.loads(out.stdout):
+        kind = "pp" if row["n_prompt"] else "tg"
+        tps = statistics.median(row.get("samples_ts") or [row["avg_ts"]])
+        result[(by_path[row["model_filename"]], kind)] = 1.0 / tps
+    return result
+
+
+def _bytes(m: CalModel, where: str, split: bool) -> float:
+    """Bytes one decoded token reads from `where`: everything when all is there, else (`split`: experts on the CPU,
+    the rest on the GPU) that pool's share."""
+    total = 0.0
+    for ld in m.loads:
+        placed = ("cpu" if ld.cls == "routed_expert" else "gpu") if split else where
+        if placed == where:
+            total += ld.n_bytes * ld.read_share
+    return total
+
+
+def _active(m: CalModel) -> float:
+    return sum(ld.n_elements * ld.read_share for ld in m.loads if not ld.name.startswith("token_embd."))
+
+
+def _two_point(a: CalModel, b: CalModel, ta: float, tb: float) -> tuple[float, float]:
+    """(fixed, per layer) seconds from two models that differ in layer count."""
+    per_layer = max((tb - ta) / (b.n_layers - a.n_layers), 0.0)
+    return max(ta - a.n_layers * per_layer, 0.0), per_layer
+
+
+def _tiny_pair(models: list[CalModel]) -> tuple[CalModel, CalModel]:
+    tiny = {m.role: m for m in models}
+    return tiny[f"tiny{TINY_LAYERS[0]}"], tiny[f"tiny{TINY_LAYERS[1]}"]
+
+
+def fit_decode(models: list[CalModel], times: dict, main: str, s_per_byte: float
+               ) -> tuple[float, float, dict[str, float]]:
+    """token_s, layer_s (tiny models, their few bytes subtracted) and seconds per byte of each medium model's type."""
+    a, b = _tiny_pair(models)
+    per_type: dict[str, float] = {}
+    token_s = layer_s = 0.0
+    for _ in range(3):
+        x = min(per_type.get(a.qtype, s_per_byte), s_per_byte)   # a noisy medium run must not eat the overhead
+        token_s, layer_s = _two_point(a, b, times[(a.role, "tg")] - _bytes(a, main, False) * x,
+                                      times[(b.role, "tg")] - _bytes(b, main, False) * x)
+        for m in (m for m in models if m.role.startswith("medium")):
+            left = times[(m.role, "tg")] - token_s - m.n_layers * layer_s
+            if left > 0:
+                per_type[m.qtype] = left / _bytes(m, main, False)
+    return token_s, layer_s, per_type
+
+
+def fit_split(models: list[CalModel], times: dict, f: Factors, gpu_s_per_byte: dict[str, float],
+              cpu_default: float) -> tuple[float, dict[str, float]]:
+    """Seconds per CPU<->GPU split (tiny models) and seconds per CPU byte of each type (medium models)."""
+    a, b = _tiny_pair(models)
+
+    def extra(m: CalModel, x_cpu: float) -> float:
+        known = f.token_s + m.n_layers * f.layer_s + _bytes(m, "gpu", True) * gpu_s_per_byte.get(m.qtype, 0.0)
+        return times[(m.role, "tg")] - known - _bytes(m, "cpu", True) * x_cpu
+
+    per_type: dict[str, float] = {}
+    split_s = 0.0
+    for _ in range(3):
+        x = min(per_type.get(a.qtype, cpu_default), cpu_default)
+        split_s = max((extra(b, x) - extra(a, x)) / (b.n_moe_layers - a.n_moe_layers), 0.0)
+        for m in (m for m in models if m.role.startswith("medium")):
+            left = extra(m, 0.0) - m.n_moe_layers * split_s
+            if left > 0:
+                per_type[m.qtype] = left / _bytes(m, "cpu", True)
+    return split_s, per_type
+
+
+def fit_prompt(models: list[CalModel], times: dict, flops_default: float) -> tuple[float, float, float]:
+    """Seconds per batch and per layer per batch (tiny models) and FLOP/s (median over the medium models)."""
+    a, b = _tiny_pair(models)
+    flops = flops_default
+    batch_s = layer_s = 0.0
+    for _ in range(3):
+        batch = {m.role: times[(m.role, "pp")] * N_PROMPT for m in models}
+        batch_s, layer_s = _two_point(a, b, batch[a.role] - 2 * N_PROMPT * _active(a) / flops,
+                                      batch[b.role] - 2 * N_PROMPT * _active(b) / flops)
+        rates = [2 * N_PROMPT * _active(m) / (batch[m.role] - batch_s - m.n_layers * layer_s)
+                 for m in models if m.role.startswith("medium") and batch[m.role] > batch_s + m.n_layers * layer_s]
+        flops = statistics.median(rates) if rates else flops
+    return batch_s, layer_s, flops
+
+
+def fit_factors(device: DeviceProfile, models: list[CalModel], full: dict, split: dict | None) -> Factors:
+    """Solve the cost model's factors from the measured seconds per token (see the module docstring)."""
+    f = default_factors(device)
+    main = main_pool(device)
+    bw = pool_bandwidth(device, main)
+    f.token_s, f.layer_s, s_per_byte = fit_decode(models, full, main, 1.0 / (bw * f.eff(main, "q8_0")))
+    for t, x in s_per_byte.items():
+        f.efficiency[f"{main}:{t}"] = round(1.0 / (x * bw), 4)
+    f.pp_batch_s, f.pp_layer_s, f.pp_flops[main] = fit_prompt(models, full, f.pp_flops[main])
+    if split:
+        cpu_bw = pool_bandwidth(device, "cpu")
+        f.split_s, cpu_per_byte = fit_split(models, split, f, s_per_byte, 1.0 / (cpu_bw * f.eff("cpu", "q8_0")))
+        for t, x in cpu_per_byte.items():
+            f.efficiency[f"cpu:{t}"] = round(1.0 / (x * cpu_bw), 4)
+        for m in (m for m in models if m.role.startswith("medium")):
+            extra = (split[(m.role, "pp")] - full[(m.role, "pp")]) * N_PROMPT - m.n_moe_layers * f.split_s
+            if extra > 0:
+                f.offload_gbs[m.qtype] = round(sum(ld.n_bytes for ld in m.loads if ld.cls == "routed_expert")
+                                               / extra / 1e9, 2)
+        if f.offload_gbs:
+            f.link_gbs = max(f.offload_gbs.values())
+    return f
+
+
+class _GpuPeak:
+    """Samples nvidia-smi's used memory of GPU 0 in a thread; `peak` after `stop`."""
+
+    def __init__(self):
+        from .devices import read_nvidia_smi
+
+        self.read = read_nvidia_smi
+        gpus = read_nvidia_smi()
+        self.before = (gpus[0]["memory_total_mib"] - gpus[0]["memory_free_mib"]) if gpus else 0
+        self.peak = self.before
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while self.running:
+            gpus = self.read()
+            if gpus:
+                self.peak = max(self.peak, gpus[0]["memory_total_mib"] - gpus[0]["memory_free_mib"])
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return (self.peak - self.before) * MIB
+
+
+def gpu_overhead(engine: Engine, tiny: CalModel, threads: int | None) -> int | None:
+    """GPU memory a llama.cpp process takes beyond its own buffers (CUDA context, pools): peak use of a run on the
+    tiny model minus llama.cpp's dry-run estimate of its buffers."""
+    from .placement import fit_print
+
+    est = fit_print(engine, tiny.path, ["-c", str(N_PROMPT), "-ngl", "999", "-ub", str(N_PROMPT)])
+    gpu = next((v for k, v in (est or {}).items() if k != "Host"), None)
+    if gpu is None:
+        return None
+    probe = _GpuPeak()
+    try:
+        run_bench(engine, [tiny], ["-ngl", "99"], 2, threads)
+    finally:
+        used = probe.stop()
+    return max(used - sum(gpu.values()), 0)
+
+
+def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | None = None,
+              types: list[str] | None = None, reps: int = 3, threads: int | None = None, progress=None) -> dict:
+    """Generate models, run llama-bench, fit the factors and save the host profile; returns its content."""
+    main = main_pool(device)
+    if main == "gpu" and engine.backend == "cpu":
+        raise CcmoeError(f"device {device.name} has a GPU but the engine is a CPU build",
+                         f"build one with `ccmoe-run engine build --backend {device.backend}`", EXIT_ENGINE)
+    size_mb = size_mb or (1500 if main == "gpu" else 200)
+    types = types or (["q8_0", "q4_0"] if main == "gpu" else ["f16", "q8_0", "q4_0"])
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ccmoe-calibrate-") as tmp:
+        say(f"generating calibration models ({size_mb} MB each: {', '.join(types)})")
+        models = make_models(Path(tmp), size_mb, types, wide=main == "gpu")
+        say("llama-bench: all layers on the " + main.upper())
+        full = run_bench(engine, models, ["-ngl", "99" if main == "gpu" else "0"], reps, threads)
+        split = None
+        if main == "gpu":
+            say("llama-bench: experts on the CPU (-ot exps=CPU)")
+            split = run_bench(engine, models, ["-ngl", "99", "-ot", "exps=CPU"], reps, threads)
+        factors = fit_factors(device, models, full, split)
+        if main == "gpu" and engine.backend == "cuda":
+            measured = gpu_overhead(engine, models[0], threads)
+            if measured is not None:
+                factors.gpu_overhead_bytes = int(measured)
+        factors.source = f"measured by calibrate ({out})"
+        check = _self_check(device, factors, models, full, split)
+    extra = {"device": device.name, "backend": engine.backend, "engine": engine.key or str(engine.bin_dir),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.monotonic() - started, 1),
+             "reps": reps, "threads": threads,
+             "runs": {f"{role}/{kind}/{mode}": round(1.0 / t, 2) for mode, res in (("full", full), ("split", split or {}))
+                      for (role, kind), t in res.items()},
+             "fit": check}
+    save_host_profile(out, factors, extra)
+    return {"path": str(out), **extra, "factors": factors.__dict__}
+
+
+def _self_check(device: DeviceProfile, f: Factors, models: list[CalModel], full: dict, split: dict | None) -> dict:
+    """Predicted vs measured decode tok/s of each calibration run under the fitted factors."""
+    out = {}
+    main = main_pool(device)
+    for mode, res in (("full", full), ("split", split)):
+        if not res:
+            continue
+        for m in models:
+            where = {ld.name: ("cpu" if mode == "split" and ld.cls == "routed_expert" else main) for ld in m.loads}
+            p = predict(m.loads, where, device, f, m.n_layers, 0.0, 0, N_PROMPT, 512, main)
+            out[f"{m.role}/{mode}"] = {"measured_tg": round(1 / res[(m.role, "tg")], 1), "predicted_tg": p.decode_tps,
+                                       "measured_pp": round(1 / res[(m.role, "pp")], 1), "predicted_pp": round(p.prompt_tps, 1)}
+    return out

@@ -1,0 +1,74 @@
+"""Calibration: the fit recovers known factors from times the cost model itself produced, and `ccmoe-run calibrate`
+measures this host with llama-bench and writes the host profile that `place` and `serve` then use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ccmoe_runtime.calibrate import N_PROMPT, fit_factors, make_models
+from ccmoe_runtime.costmodel import HOST_PROFILE_KIND, default_factors, load_factors, predict
+from ccmoe_runtime.devices import get_profile
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def cal_models(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("cal"), 20, ["q8_0", "q4_0"], wide=False)
+
+
+def _times(device, truth, models, split: bool) -> dict:
+    """What llama-bench would measure if the cost model were exact."""
+    out = {}
+    for m in models:
+        where = {ld.name: ("cpu" if split and ld.cls == "routed_expert" else
+                           "gpu" if device.backend != "cpu" else "cpu") for ld in m.loads}
+        p = predict(m.loads, where, device, truth, m.n_layers, 0.0, 0, N_PROMPT, N_PROMPT)
+        out[(m.role, "tg")] = 1.0 / p.decode_tps
+        out[(m.role, "pp")] = 1.0 / p.prompt_tps
+    return out
+
+
+def _truth(device):
+    f = default_factors(device)
+    f.token_s, f.layer_s, f.split_s, f.pp_layer_s, f.pp_batch_s = 90e-6, 30e-6, 50e-6, 150e-6, 1e-3
+    f.efficiency = {"gpu:q8_0": 0.8, "gpu:q4_0": 0.7, "cpu:q8_0": 0.6, "cpu:q4_0": 0.5}
+    f.pp_flops = {"gpu": 80e12, "cpu": 1e12}
+    f.offload_gbs = {"q8_0": 10.0, "q4_0": 40.0}
+    return f
+
+
+@pytest.mark.parametrize("device_name", ["cuda-h100-80g", "cpu"])
+def test_fit_recovers_the_factors_that_made_the_times(cal_models, device_name):
+    device = get_profile(device_name)
+    truth = _truth(device)
+    full = _times(device, truth, cal_models, split=False)
+    split = _times(device, truth, cal_models, split=True) if device.backend != "cpu" else None
+    f = fit_factors(device, cal_models, full, split)
+    main = "gpu" if device.backend != "cpu" else "cpu"
+    assert f.token_s == pytest.approx(truth.token_s, rel=0.02) and f.layer_s == pytest.approx(truth.layer_s, rel=0.02)
+    for t in ("q8_0", "q4_0"):
+        assert f.efficiency[f"{main}:{t}"] == pytest.approx(truth.efficiency[f"{main}:{t}"], rel=0.02)
+    assert f.pp_flops[main] == pytest.approx(truth.pp_flops[main], rel=0.05)
+    if split:
+        assert f.split_s == pytest.approx(truth.split_s, rel=0.05)
+        assert f.efficiency["cpu:q4_0"] == pytest.approx(0.5, rel=0.02)
+        assert f.offload_gbs["q4_0"] == pytest.approx(40.0, rel=0.1)
+
+
+def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundled_model, tmp_path):
+    out = tmp_path / "host.json"
+    result = run_cli("calibrate", "--device", "auto", "--size-mb", "20", "--types", "q8_0", "--reps", "1",
+                     "-t", "2", "-o", str(out), "--json", check=True, timeout=600)
+    doc = json.loads(out.read_text())
+    assert doc["schema"].endswith(HOST_PROFILE_KIND) and doc["version"] == 1 and doc["backend"] == "cpu"
+    assert doc["factors"]["efficiency"].get("cpu:q8_0", 0) > 0 and doc["factors"]["token_s"] >= 0
+    assert {"tiny2/tg/full", "tiny12/tg/full", "medium-q8_0/pp/full"} <= set(doc["runs"])
+    assert json.loads(result.stdout)["path"] == str(out)
+    factors = load_factors(get_profile("auto"), out)
+    assert factors.source.startswith("measured") and factors.efficiency == doc["factors"]["efficiency"]
+    placed = run_cli("place", str(bundled_model), "--device", "auto", "--host-profile", str(out), check=True)
+    assert f"speed factors from measured ({out})" in placed.stdout
+    bad = run_cli("calibrate", "--types", "q3_k", "-o", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "cannot calibrate type" in bad.stderr

@@ -1,0 +1,209 @@
+"""Placement and cost model: -ot rules select exactly what is placed, hot tensors go to the GPU first, memory fits
+every pool (estimated, or measured by llama.cpp's dry run), predictions move the right way; the place command."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import ccmoe_runtime.placement as P
+from ccmoe_runtime.costmodel import (MIB, default_factors, predict, tensor_loads, Factors)
+from ccmoe_runtime.devices import load_profile_file
+from ccmoe_runtime.errors import EXIT_RESOURCE, CcmoeError
+from ccmoe_runtime.inventory import read_gguf
+from ccmoe_runtime.synth import SynthSpec, layout_inventory, write_random_gguf
+from conftest import run_cli
+
+GPU_TOML = """
+name = "{name}"
+description = "a small test GPU"
+backend = "cuda"
+threads = 2
+os_reserve_gb = 1.0
+link_bandwidth_gbs = 25.0
+[[pools]]
+name = "vram"
+kind = "gpu"
+capacity_gb = {gpu_gb}
+usable_fraction = 1.0
+bandwidth_gbs = 1000.0
+[[pools]]
+name = "ram"
+kind = "cpu"
+capacity_gb = 16
+usable_fraction = 0.9
+bandwidth_gbs = 50.0
+"""
+
+UNIFIED_TOML = """
+name = "tiny-apu"
+description = "unified memory with a GPU-visible limit"
+backend = "vulkan"
+threads = 2
+os_reserve_gb = 0.5
+link_bandwidth_gbs = 80.0
+[[pools]]
+name = "unified"
+kind = "unified"
+capacity_gb = 4.0
+usable_fraction = 1.0
+bandwidth_gbs = 200.0
+gpu_visible_gb = {visible}
+"""
+
+
+@pytest.fixture(scope="module")
+def q4_model(tmp_path_factory) -> Path:
+    spec = SynthSpec(arch="qwen3moe", n_embd=512, n_layer=12, n_head=8, n_head_kv=2, head_dim=64, n_expert=16,
+                     n_expert_used=4, n_ff_exp=512, seed=5)
+    return write_random_gguf(spec, tmp_path_factory.mktemp("pl") / "q4.gguf", qtype="q4_0")
+
+
+def _gpu_profile(tmp_path: Path, gpu_gb: float, name: str = "small-gpu"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(GPU_TOML.format(name=name, gpu_gb=gpu_gb))
+    return load_profile_file(path)
+
+
+def _settings(ctx: int = 1024) -> P.Settings:
+    return P.Settings(ctx=ctx, kv_type="f16", margin_bytes=8 * MIB)
+
+
+def _factors(device) -> Factors:
+    f = default_factors(device)
+    f.gpu_overhead_bytes = 64 * MIB
+    return f
+
+
+def test_integer_range_patterns_match_exactly():
+    for lo in range(0, 64):
+        for hi in range(lo, 64):
+            pattern = re.compile("^(" + "|".join(P.int_range_patterns(lo, hi)) + ")$")
+            assert [n for n in range(0, 130) if pattern.match(str(n))] == list(range(lo, hi + 1)), (lo, hi)
+
+
+def test_rules_are_compact_and_select_exactly_the_cpu_tensors():
+    inv = layout_inventory(SynthSpec(arch="deepseek2", n_layer=61, n_dense_lead=3, n_expert=8), "BF16")
+    names = [t.name for t in inv.tensors]
+    cpu = [n for n in names if re.search(r"blk\.(\d+)\.ffn_(up|gate)_exps", n) and int(n.split(".")[1]) < 40]
+    cpu += [n for n in names if "ffn_down_exps" in n and int(n.split(".")[1]) < 39] + ["output.weight"]
+    rules = P.override_rules(cpu)
+    assert P.rule_matches(rules, names) == set(cpu)
+    assert len(rules) == 3 and not any("," in r or ";" in r for r in rules)
+    assert r"blk\.([3-9]|[1-3][0-9])\.(ffn_gate_exps|ffn_up_exps)\.weight=CPU" in rules
+
+
+def test_greedy_puts_dense_tensors_first_and_whole_early_layers_on_the_cpu(q4_model):
+    loads = tensor_loads(read_gguf(q4_model))
+    experts = [ld for ld in loads if ld.cls == "routed_expert"]
+    dense = sum(ld.n_bytes for ld in loads if ld.cls != "routed_expert" and not ld.name.startswith("token_embd."))
+    per_layer = sum(ld.n_bytes for ld in experts if ld.layer == 0)
+    where = P.greedy(loads, dense + 8 * per_layer + 10)
+    assert all(where[ld.name] == "gpu" for ld in loads if ld.cls != "routed_expert" and ld.layer is not None)
+    on_cpu = sorted({ld.layer for ld in experts if where[ld.name] == "cpu"})
+    assert on_cpu == [0, 1, 2, 3]
+    assert where["token_embd.weight"] == "cpu"      # llama.cpp keeps the input embeddings on the CPU
+
+
+def test_placement_fits_the_gpu_and_beats_all_experts_on_cpu(q4_model, tmp_path):
+    device = _gpu_profile(tmp_path, 0.18)
+    inv = read_gguf(q4_model)
+    p = P.place(inv, device, _factors(device), _settings())
+    gpu = p.memory["gpu"]
+    assert gpu.total <= gpu.capacity and gpu.weights > 0 and gpu.kv > 0 and gpu.compute > 0
+    assert set(p.tensors.values()) == {"gpu", "cpu"} and p.overrides
+    assert P.rule_matches(p.overrides, list(p.tensors)) == {n for n, w in p.tensors.items()
+                                                            if w == "cpu" and not n.startswith("token_embd.")}
+    all_cpu = {ld.name: ("cpu" if ld.cls == "routed_expert" else "gpu") for ld in tensor_loads(inv)}
+    slow = predict(tensor_loads(inv), all_cpu, device, _factors(device), 12)
+    assert p.predicted_empty.decode_tps > slow.decode_tps
+    args = p.server_args()
+    assert args[args.index("-ngl") + 1] == "999" and args[args.index("--fit") + 1] == "off"
+    assert ";" in p.bench_args()[p.bench_args().index("-ot") + 1] or len(p.overrides) == 1
+    rows = P.layer_rows(p)
+    assert rows[0][0].startswith("0") and "CPU: ffn_" in rows[0][1]
+
+
+def test_more_gpu_memory_never_predicts_slower(q4_model, tmp_path):
+    inv = read_gguf(q4_model)
+    speeds = []
+    for gb in (0.17, 0.18, 0.2, 0.25):
+        device = _gpu_profile(tmp_path, gb, f"gpu{gb}")
+        speeds.append(P.place(inv, device, _factors(device), _settings()).predicted.decode_tps)
+    assert speeds == sorted(speeds) and speeds[-1] > speeds[0]
+
+
+def test_measured_memory_refines_the_placement_without_oscillating(q4_model, tmp_path, monkeypatch):
+    """llama.cpp's dry run reports more compute buffer than estimated: the placement steps back until it fits."""
+    device = _gpu_profile(tmp_path, 0.25)
+    inv = read_gguf(q4_model)
+    calls = []
+
+    def fake_fit_print(engine, model, args):
+        rules = args[args.index("-ot") + 1].split(",") if "-ot" in args else []
+        cpu = P.rule_matches(rules, [t.name for t in inv.tensors])
+        gpu = sum(t.n_bytes for t in inv.tensors if t.name not in cpu and not t.name.startswith("token_embd."))
+        calls.append(gpu)
+        return {"CUDA0": {"model": gpu + MIB, "context": 4 * MIB, "compute": 100 * MIB},
+                "Host": {"model": 0, "context": 0, "compute": 2 * MIB}}
+
+    monkeypatch.setattr(P, "fit_print", fake_fit_print)
+    p = P.place(inv, device, _factors(device), _settings(), engine=object(), model=q4_model)
+    assert p.memory_source == "llama-fit-params"
+    assert p.memory["gpu"].compute == 100 * MIB and p.memory["gpu"].total <= p.memory["gpu"].capacity
+    assert 2 <= len(calls) <= 8 and "cpu" in p.tensors.values()
+
+
+def test_unified_memory_respects_the_gpu_visible_limit(q4_model, tmp_path):
+    path = tmp_path / "apu.toml"
+    path.write_text(UNIFIED_TOML.format(visible=0.2))
+    device = load_profile_file(path)
+    p = P.place(read_gguf(q4_model), device, _factors(device), _settings(512))
+    assert p.memory["gpu"].total <= p.memory["gpu"].capacity <= 0.2e9
+    assert "cpu" in set(p.tensors.values()) and p.overrides
+    assert p.memory["cpu"].capacity + p.memory["gpu"].total <= 3.5e9 + 1
+
+
+def test_a_model_that_fits_nowhere_is_refused(q4_model, tmp_path):
+    path = tmp_path / "apu.toml"
+    path.write_text(UNIFIED_TOML.format(visible=4.0).replace("capacity_gb = 4.0", "capacity_gb = 0.6"))
+    device = load_profile_file(path)
+    with pytest.raises(CcmoeError, match="does not fit") as err:
+        P.place(read_gguf(q4_model), device, default_factors(device), P.Settings(ctx=65536, kv_type="f16"))
+    assert err.value.exit_code == EXIT_RESOURCE
+
+
+def test_expert_frequency_and_kv_type_move_predictions(q4_model, tmp_path):
+    inv = read_gguf(q4_model)
+    skewed = {"layers": {str(i): {"frequency": [0.95] * 4 + [0.2 / 12] * 12} for i in range(12)}}
+    uniform, hot = tensor_loads(inv), tensor_loads(inv, skewed)
+    u = next(ld for ld in uniform if ld.cls == "routed_expert")
+    h = next(ld for ld in hot if ld.cls == "routed_expert")
+    assert u.read_share == pytest.approx(0.25) and h.read_share == pytest.approx(0.25, rel=0.01)
+    assert h.share_for_batch(8) < u.share_for_batch(8)      # a batch of 8 touches fewer distinct experts when skewed
+    device = _gpu_profile(tmp_path, 0.18)
+    f = _factors(device)
+    where = {ld.name: "gpu" for ld in uniform}
+    kv = P.kv_bytes_per_token(inv)
+    at_4k = predict(uniform, where, device, f, 12, kv, 4096).decode_tps
+    assert predict(uniform, where, device, f, 12, kv, 0).decode_tps > at_4k
+    assert predict(uniform, where, device, f, 12, kv * 34 / 64, 4096).decode_tps > at_4k
+
+
+def test_place_command_writes_a_versioned_artifact(q4_model, tmp_path):
+    toml = tmp_path / "small-gpu.toml"
+    toml.write_text(GPU_TOML.format(name="small-gpu", gpu_gb=1.2))
+    out = tmp_path / "placement.json"
+    result = run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "1024", "-o", str(out), check=True)
+    assert "predicted: prompt" in result.stdout and "llama-server flags: -c 1024 -np 1 -t 2 -ngl 999" in result.stdout
+    doc = P.load_placement(out)
+    assert doc["version"] == P.PLACEMENT_VERSION and doc["device"] == "small-gpu"
+    assert doc["memory"]["gpu"]["total"] <= doc["memory"]["gpu"]["capacity"]
+    as_json = json.loads(run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "1024", "--json",
+                                 check=True).stdout)
+    assert as_json["tensors"] == doc["tensors"]
+    bad = run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "10000000")
+    assert bad.returncode == EXIT_RESOURCE and "does not fit" in bad.stderr and "Traceback" not in bad.stderr
