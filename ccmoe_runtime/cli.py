@@ -464,6 +464,61 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
     _echo_build(_build(path, result, out, Path(result["imatrix"]) if result["imatrix"] else None, force, threads))
 
 
+# ---------------------------------------------------------------- bench
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
+@click.option("--model", default=None, help="GGUF path or any model spec (default: the bundled model).")
+@click.option("--runs", type=int, default=5, show_default=True, help="Rounds; each runs every contender once.")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--history", type=click.Path(path_type=Path), default=Path("ccmoe-results/history.jsonl"),
+              show_default=True, help="Append the result here (JSON lines); --no-history to skip.")
+@click.option("--no-history", is_flag=True)
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="A bench result (bench --json output, or a history file: its last bench line).")
+@click.option("--max-regression", type=float, default=10.0, show_default=True,
+              help="Percent tokens/s may fall below the baseline before the exit is non-zero (6).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(device, model, runs, threads, history, no_history, baseline, max_regression, as_json) -> None:
+    """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
+    from .bench import EXIT_REGRESSION, load_baseline, regressions, run_bench
+    from .devices import get_profile
+    from .engine import find_engine
+    from .sources import resolve_model_path
+
+    profile = get_profile(device)
+    base = load_baseline(baseline) if baseline else None
+    say = (lambda line: click.echo(line, err=True)) if not as_json else None
+    result = run_bench(find_engine(profile.backend if device != "auto" else None), resolve_model_path(model),
+                       profile, runs=runs, threads=threads, progress=say)
+    if not no_history:
+        from .report import append_history
+
+        append_history(history, "bench", result)
+    fell = regressions(result, base, max_regression) if base else []
+    result["regressions"] = fell
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{Path(result['model']).name} on {result['device']} ({result['backend']}), {runs} rounds, "
+                   f"pp{result['n_prompt']} / tg{result['n_gen']} tok/s: median (min-max, spread)")
+        for name, c in result["contenders"].items():
+            if "error" in c:
+                click.echo(f"  {name:<18} failed: {c['error']}")
+                continue
+            pp, tg = c["pp"], c["tg"]
+            line = (f"  {name:<18} pp {pp['median']:>10,.1f} ({pp['min']:,.1f}-{pp['max']:,.1f}, {pp['spread']:.1%})"
+                    f"   tg {tg['median']:>9,.1f} ({tg['min']:,.1f}-{tg['max']:,.1f}, {tg['spread']:.1%})"
+                    f"   peak RSS {human_size(c['peak_rss_bytes'])}")
+            if "predicted" in c:
+                line += (f"   predicted pp {c['predicted']['pp']:,.1f} tg {c['predicted']['tg']:,.1f}; "
+                         f"{c['bandwidth_share']:.0%} of the bandwidth limit")
+            click.echo(line)
+    if fell:
+        click.echo(f"ccmoe-run: error: tokens/s regressed against {baseline}: " + "; ".join(fell), err=True)
+        sys.exit(EXIT_REGRESSION)
+
+
 # ---------------------------------------------------------------- eval
 
 @main.command("eval")

@@ -25,13 +25,14 @@ def history(engine, bundled_model, tmp_path_factory):
         model = quantize(engine, bundled_model, work / f"{mix}.gguf", mix, [], threads=2)
         run_cli("eval", "--model", str(model), "--reference", str(bundled_model), "--history", str(path), "-t", "2",
                 check=True)
+    run_cli("bench", "--device", "cpu", "--runs", "2", "--history", str(path), check=True, timeout=600)
     return path
 
 
 def test_eval_history_records_quality_with_host_and_time(history):
     records = [json.loads(line) for line in history.read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["eval", "eval"]
-    q4, q8 = records
+    assert [r["kind"] for r in records] == ["eval", "eval", "bench"]
+    q4, q8 = records[:2]
     assert q8["mean_kld"] < q4["mean_kld"] and q8["model_bytes"] > q4["model_bytes"]
     assert q4["host"]["cores"] >= 1 and q4["time"].endswith("+00:00")
 
@@ -45,11 +46,10 @@ def test_report_renders_in_headless_chromium_with_every_chart(history, tmp_path)
     run_cli("report", "--history", str(history), "--placement", str(tmp_path / "placement.json"), "-o", str(out),
             check=True)
     page = out.read_text()
-    assert page.count("data:image/png;base64,") == 2            # quality and placement; no bench run yet
-    assert "no bench runs recorded yet" in page
+    assert page.count("data:image/png;base64,") == 3            # tokens/s, quality and placement
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000"]
     dom = subprocess.run(browser + ["--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-charts-shown="2/2"' in dom                     # the browser decoded every chart
+    assert 'data-charts-shown="3/3"' in dom                     # the browser decoded every chart
     shot = tmp_path / "shot.png"
     subprocess.run(browser + [f"--screenshot={shot}", "--window-size=1280,2200", out.as_uri()],
                    capture_output=True, timeout=120)

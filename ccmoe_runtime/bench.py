@@ -1,0 +1,210 @@
+"""Tokens/s regression benchmark: ccmoe's placement and llama.cpp's own placements, alternating, repeated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from .devices import GB, DeviceProfile
+from .engine import Engine, tool_version
+from .errors import EXIT_USAGE, CcmoeError
+
+BENCH_VERSION = 1
+EXIT_REGRESSION = 6          # tokens/s fell more than --max-regression
+N_PROMPT, N_GEN = 512, 128
+
+
+def quick_hash(path: Path, edge: int = 16 << 20) -> str:
+    """sha256 of the size, the first and the last 16 MiB: identifies a 100 GB model in a second."""
+    size = Path(path).stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        if size > 2 * edge:
+            f.seek(size - edge)
+            h.update(f.read(edge))
+    return "quick-sha256:" + h.hexdigest()
+
+
+def spread(samples: list[float]) -> dict:
+    """Median, range and relative spread ((max - min) / median) of repeated measurements."""
+    med = statistics.median(samples)
+    return {"median": round(med, 2), "min": round(min(samples), 2), "max": round(max(samples), 2),
+            "spread": round((max(samples) - min(samples)) / med, 4) if med else None,
+            "samples": [round(s, 2) for s in samples]}
+
+
+class _PeakRss:
+    """Samples the resident memory of a process (with its children) while it runs."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def llama_bench(engine: Engine, model: Path, args: list[str], reps: int = 1, n_prompt: int = N_PROMPT,
+                n_gen: int = N_GEN, timeout: float = 1800) -> dict:
+    """One llama-bench run: prompt and generation tokens/s samples, peak RSS, or the error that stopped it."""
+    cmd = [str(engine.tool("llama-bench")), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
+           "-o", "json", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = _PeakRss(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "args": args}
+    finally:
+        rss = peak.stop()
+    result = {"ok": proc.returncode == 0, "args": args, "wall_s": round(time.monotonic() - started, 2),
+              "peak_rss_bytes": rss}
+    if proc.returncode:
+        result["error"] = " | ".join(err.strip().splitlines()[-3:])
+        return result
+    for row in json.loads(out):
+        result["pp" if row["n_prompt"] else "tg"] = row.get("samples_ts") or [row["avg_ts"]]
+    return result
+
+
+def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None) -> dict:
+    """Name -> llama-bench flags: ccmoe's placement and, on a GPU, llama.cpp's --fit, exps=CPU and all-on-GPU."""
+    from .costmodel import load_factors
+    from .inventory import read_gguf
+    from .placement import Settings, place
+
+    inv = read_gguf(model)
+    p = place(inv, device, load_factors(device), Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2,
+                                                          n_prompt=N_PROMPT, threads=threads), engine, model)
+    threads_args = ["-t", str(p.threads)]
+    cpu_layers = {int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n}
+    found = {"ccmoe": {"args": p.bench_args() + threads_args, "predicted": p.predicted_empty.to_dict(),
+                       "bytes_per_token": sum(p.predicted_empty.bytes_per_token.values()),
+                       "cpu_expert_layers": len(cpu_layers)}}
+    if device.backend == "cpu":
+        found["llama.cpp default"] = {"args": []}
+    else:
+        found["fit"] = {"args": ["-fitt", "1024"] + threads_args}
+        found["exps=CPU"] = {"args": ["-ngl", "999", "-ot", "exps=CPU"] + threads_args}
+        if all(w == "gpu" for w in p.tensors.values()):
+            found["all-gpu"] = {"args": ["-ngl", "999"] + threads_args}
+    return found
+
+
+def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, threads: int) -> int | None:
+    """The fewest --n-cpu-moe layers that load, searched down from `start` (one short llama-bench each)."""
+    found = None
+    for n in range(max(start, 0), -1, -1):
+        r = llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=0, n_gen=8)
+        if not r["ok"]:
+            break
+        found = n
+    if found is None:
+        for n in range(start + 1, n_moe_layers + 1):
+            if llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=0, n_gen=8)["ok"]:
+                return n
+    return found
+
+
+def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
+              progress=None) -> dict:
+    """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread."""
+    from .inventory import read_gguf, summarize
+
+    if runs < 1:
+        raise CcmoeError(f"--runs {runs} is not a positive count", "pass --runs 3 or more", EXIT_USAGE)
+    found = contenders(engine, model, device, threads)
+    if device.backend != "cpu":
+        s = summarize(read_gguf(model))
+        start = found["ccmoe"]["cpu_expert_layers"]          # search llama.cpp's layer count from ccmoe's
+        n = best_n_cpu_moe(engine, model, len(s.moe_layers), start, threads or device.threads)
+        if n is not None:
+            found[f"n-cpu-moe={n}"] = {"args": ["-ncmoe", str(n), "-t", str(threads or device.threads)]}
+    samples = {name: {"pp": [], "tg": [], "rss": []} for name in found}
+    errors = {}
+    for i in range(runs):
+        for name, c in found.items():
+            if name in errors:
+                continue
+            r = llama_bench(engine, model, c["args"])
+            if not r["ok"]:
+                errors[name] = r["error"]
+                continue
+            samples[name]["pp"] += r["pp"]
+            samples[name]["tg"] += r["tg"]
+            samples[name]["rss"].append(r["peak_rss_bytes"])
+            if progress:
+                progress(f"round {i + 1}/{runs} {name}: pp {r['pp'][0]:.1f} tg {r['tg'][0]:.1f} tok/s")
+    bandwidth = max(p.bandwidth_gbs for p in device.pools) * GB
+    result = {}
+    for name, c in found.items():
+        if name in errors:
+            result[name] = {"args": c["args"], "error": errors[name]}
+            continue
+        tg = spread(samples[name]["tg"])
+        entry = {"args": c["args"], "pp": spread(samples[name]["pp"]), "tg": tg,
+                 "peak_rss_bytes": max(samples[name]["rss"])}
+        if "bytes_per_token" in c:
+            entry["predicted"] = {"pp": c["predicted"]["prompt_tps"], "tg": c["predicted"]["decode_tps"]}
+            entry["bandwidth_share"] = round(c["bytes_per_token"] * tg["median"] / bandwidth, 4)
+        result[name] = entry
+    return {"model": str(model), "model_hash": quick_hash(model), "device": device.name, "backend": device.backend,
+            "engine": engine.key, "engine_version": tool_version(engine), "runs": runs, "n_prompt": N_PROMPT,
+            "n_gen": N_GEN, "contenders": result}
+
+
+def regressions(current: dict, baseline: dict, max_regression_pct: float) -> list[str]:
+    """One line per contender and measure whose median fell more than the allowed percentage."""
+    lines = []
+    for name, b in baseline.get("contenders", {}).items():
+        c = current["contenders"].get(name)
+        if not c or "error" in c or "error" in b:
+            continue
+        for key in ("pp", "tg"):
+            was, now = b[key]["median"], c[key]["median"]
+            change = (now - was) / was * 100 if was else 0.0
+            if change < -max_regression_pct:
+                lines.append(f"{name} {key}: {now:.1f} tok/s vs baseline {was:.1f} ({change:+.1f} %, limit "
+                             f"-{max_regression_pct:g} %)")
+    return lines
+
+
+def load_baseline(path: Path) -> dict:
+    """A bench result: a JSON file written by `bench --json`, or the last bench line of a history file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise CcmoeError(f"cannot read baseline {path} ({e})", "pass a file written by `ccmoe-run bench --json`") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        lines = [json.loads(x) for x in text.splitlines() if x.strip().startswith("{")]
+        doc = next((x for x in reversed(lines) if x.get("kind") == "bench"), None)
+    if not isinstance(doc, dict) or "contenders" not in doc:
+        raise CcmoeError(f"{path} holds no bench result", "pass a file written by `ccmoe-run bench --json`")
+    return doc

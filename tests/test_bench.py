@@ -1,0 +1,73 @@
+"""`ccmoe-run bench`: real llama-bench runs, alternating contenders, history, and the regression check."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    history = work / "history.jsonl"
+    result = run_cli("bench", "--device", "cpu", "--runs", "3", "-t", "2", "--history", str(history), "--json",
+                     check=True, timeout=600)
+    return {"work": work, "history": history, "result": json.loads(result.stdout), "path": work / "result.json",
+            "stdout": result.stdout}
+
+
+def test_bench_measures_every_contender_in_alternating_rounds(measured):
+    r = measured["result"]
+    assert set(r["contenders"]) == {"ccmoe", "llama.cpp default"}
+    for c in r["contenders"].values():
+        for key in ("pp", "tg"):
+            assert len(c[key]["samples"]) == 3 and c[key]["min"] <= c[key]["median"] <= c[key]["max"]
+            assert c[key]["median"] > 100                                  # tokens/s of an 8M-parameter model
+        assert 10e6 < c["peak_rss_bytes"] < 2e9
+    mine = r["contenders"]["ccmoe"]
+    assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
+    assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
+
+
+def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
+    lines = [json.loads(x) for x in measured["history"].read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["kind"] == "bench"
+    assert lines[0]["model_hash"] == measured["result"]["model_hash"] and lines[0]["host"]["cores"] >= 1
+
+
+def test_regression_check_fails_against_a_baseline_twice_as_fast(measured, tmp_path):
+    fast = json.loads(json.dumps(measured["result"]))
+    for c in fast["contenders"].values():
+        c["tg"]["median"] *= 2
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--no-history", "--baseline", str(tmp_path / "fast.json"),
+                     "--max-regression", "20")
+    assert result.returncode == 6
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ccmoe-run: error: tokens/s regressed") and "tg" in last and "limit -20 %" in last
+    # the history file itself is a valid baseline; a generous limit passes
+    ok = run_cli("bench", "--device", "cpu", "--runs", "3", "--no-history", "--baseline", str(measured["history"]),
+                 "--max-regression", "95")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_file_without_bench_results_is_not_a_baseline(tmp_path):
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--no-history", "--baseline", str(tmp_path / "x.json"))
+    assert result.returncode == 2 and "holds no bench result" in result.stderr
+
+
+@pytest.mark.tokens_per_second
+@pytest.mark.skipif(not os.environ.get("CCMOE_TPS_BASELINE"),
+                    reason="lab laptops only: set CCMOE_TPS_BASELINE to a bench result recorded on this machine")
+def test_tokens_per_second_have_not_regressed_on_this_lab_machine():
+    args = ["bench", "--runs", "5", "--baseline", os.environ["CCMOE_TPS_BASELINE"],
+            "--max-regression", os.environ.get("CCMOE_TPS_MAX_REGRESSION", "10")]
+    if os.environ.get("CCMOE_TPS_MODEL"):
+        args += ["--model", os.environ["CCMOE_TPS_MODEL"]]
+    result = run_cli(*args, timeout=3600)
+    assert result.returncode == 0, result.stderr
