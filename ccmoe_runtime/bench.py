@@ -98,6 +98,9 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
     from .inventory import read_gguf
     from .placement import Settings, place
 
+    from .serve import environment_threads
+
+    threads = threads or min(device.threads, environment_threads())    # a profile's count may exceed this host's
     inv = read_gguf(model)
     p = place(inv, device, load_factors(device), Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2,
                                                           n_prompt=N_PROMPT, threads=threads), engine, model)
@@ -142,9 +145,10 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
     if device.backend != "cpu":
         s = summarize(read_gguf(model))
         start = found["ccmoe"]["cpu_expert_layers"]          # search llama.cpp's layer count from ccmoe's
-        n = best_n_cpu_moe(engine, model, len(s.moe_layers), start, threads or device.threads)
+        t = found["ccmoe"]["args"][found["ccmoe"]["args"].index("-t") + 1]
+        n = best_n_cpu_moe(engine, model, len(s.moe_layers), start, int(t))
         if n is not None:
-            found[f"n-cpu-moe={n}"] = {"args": ["-ncmoe", str(n), "-t", str(threads or device.threads)]}
+            found[f"n-cpu-moe={n}"] = {"args": ["-ncmoe", str(n), "-t", t]}
     samples = {name: {"pp": [], "tg": [], "rss": []} for name in found}
     errors = {}
     for i in range(runs):
