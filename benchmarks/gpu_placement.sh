@@ -15,15 +15,8 @@ exec > >(tee -a "$OUT/gpu_placement.log") 2>&1
 export PYTHONUNBUFFERED=1 CCMOE_CACHE_DIR="$W/cache" CCMOE_VENDOR_DIR="$W/llama.cpp"
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
 
-say "host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM; $(nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv,noheader)"
-if [ ! -d /tmp/site/gguf ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/gguf-0.19.0-py3-none-any.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD"
-if [ ! -f "$W/llama.cpp/.ccmoe-source.json" ]; then
-  tar xzf .carry/llama.cpp.tar.gz -C "$W" || exit 1
-  echo '{"package": "llama-cpp-python", "package_version": "0.3.36", "commit": "0c1e57098"}' > "$W/llama.cpp/.ccmoe-source.json"
-fi
+source benchmarks/gpu_common.sh
+gpu_setup
 
 MODEL="$W/qwen3moe-30b-q8_0.gguf"
 GEN_PID=""
@@ -35,19 +28,11 @@ if [ ! -f "$MODEL" ]; then
   GEN_PID=$!
 fi
 
-say "engine build (CUDA, sm_90)"
-python3 -m ccmoe_runtime.cli engine build --backend cuda --cmake-flag=-DCMAKE_CUDA_ARCHITECTURES=90 -j 16 --json \
-  > "$W/engine.json" || { say "engine build failed"; tail -30 "$W"/cache/build/*.log; exit 1; }
-say "engine ready: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["bin_dir"], d.get("build_seconds"))' "$W/engine.json")"
+gpu_build_engine
 if [ -n "$GEN_PID" ]; then wait "$GEN_PID" || { cat "$W/gen.log"; exit 1; }; fi
 cat "$W/gen.log"; ls -la "$MODEL"
 
-say "holding GPU memory: $FREE_MIB MiB stay free"
-python3 benchmarks/gpu_hold.py --free-mib "$FREE_MIB" > "$W/hold.json" 2> "$W/hold.err" &
-HOLD_PID=$!
-trap 'kill $HOLD_PID 2>/dev/null' EXIT
-for _ in $(seq 1 120); do [ -s "$W/hold.json" ] && break; sleep 0.5; done
-cat "$W/hold.json" "$W/hold.err"; nvidia-smi --query-gpu=memory.used,memory.free --format=csv
+gpu_hold_memory
 
 python3 benchmarks/placement_bench.py --model "$MODEL" --work "$W" --out "$OUT" --backend cuda \
   --deadline $(( T0 + DEADLINE_S )) --reps "${REPS:-3}"

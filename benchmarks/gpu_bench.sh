@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `ccmoe-run bench` on the GPU machine (issue 5's acceptance): the bundled model and a generated ~10B-parameter
+# qwen3moe (Q8_0, 10.6 GB), 5 alternating rounds each, with the GPU held so that a 24 GB card is emulated.
+# Run from the repository root on the device machine; results in $OUT (bench JSON, history, log).
+set -uo pipefail
+T0=$(date +%s)
+FREE_MIB=${FREE_MIB:-24077}
+W=${WORK:-/root/ccmoe-gpu}
+OUT=${OUT:-$W/out}
+mkdir -p "$W" "$OUT"
+exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
+export PYTHONUNBUFFERED=1 CCMOE_CACHE_DIR="$W/cache" CCMOE_VENDOR_DIR="$W/llama.cpp"
+say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
+
+source benchmarks/gpu_common.sh
+gpu_setup
+
+MODEL="$W/qwen3moe-10b-q8_0.gguf"
+GEN_PID=""
+if [ ! -f "$MODEL" ]; then
+  say "generating $MODEL in the background"
+  python3 -m ccmoe_runtime.synth --type q8_0 -o "$MODEL" --arch qwen3moe --name synth-qwen3moe-10b \
+    --n-embd 2048 --n-layer 16 --n-head 32 --n-head-kv 4 --head-dim 128 --n-expert 128 --n-expert-used 8 \
+    --n-ff-exp 768 --vocab-size 512 --seed 10 > "$W/gen10.log" 2>&1 &
+  GEN_PID=$!
+fi
+gpu_build_engine
+if [ -n "$GEN_PID" ]; then wait "$GEN_PID" || { cat "$W/gen10.log"; exit 1; }; fi
+ls -la "$MODEL"
+gpu_hold_memory
+
+say "calibrating"
+python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
+for m in bundled "$MODEL"; do
+  name=$(basename "$m" .gguf)
+  say "bench $name"
+  python3 -m ccmoe_runtime.cli bench --device auto --model "$m" --runs "${RUNS:-5}" --history "$OUT/history.jsonl" \
+    --json > "$OUT/bench-$name.json" || say "bench $name failed"
+  python3 -m ccmoe_runtime.cli bench --device auto --model "$m" --runs 1 --no-history \
+    --baseline "$OUT/bench-$name.json" --max-regression 5 > /dev/null 2>&1; echo "regression check vs itself: exit $?"
+done
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
+    d = json.loads(f.read_text())
+    print(f.name)
+    for n, c in d["contenders"].items():
+        if "error" in c:
+            print(f"  {n}: failed {c['error'][:100]}"); continue
+        print(f"  {n:<16} pp {c['pp']['median']:>10.1f} spread {c['pp']['spread']:.3f}  tg {c['tg']['median']:>8.1f} "
+              f"spread {c['tg']['spread']:.3f}  rss {c['peak_rss_bytes']/1e9:.2f} GB  {c.get('predicted', '')}")
+PY
+say "done"
