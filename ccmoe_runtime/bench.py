@@ -32,10 +32,11 @@ def quick_hash(path: Path, edge: int = 16 << 20) -> str:
 
 
 def spread(samples: list[float]) -> dict:
-    """Median, range and relative spread ((max - min) / median) of repeated measurements."""
+    """Median, range, relative spread ((max - min) / median) and coefficient of variation of repeated runs."""
     med = statistics.median(samples)
+    cv = statistics.stdev(samples) / statistics.mean(samples) if len(samples) > 1 and statistics.mean(samples) else 0.0
     return {"median": round(med, 2), "min": round(min(samples), 2), "max": round(max(samples), 2),
-            "spread": round((max(samples) - min(samples)) / med, 4) if med else None,
+            "spread": round((max(samples) - min(samples)) / med, 4) if med else None, "cv": round(cv, 4),
             "samples": [round(s, 2) for s in samples]}
 
 
@@ -135,8 +136,10 @@ def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, t
 
 
 def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
-              progress=None) -> dict:
-    """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread."""
+              progress=None, reps_per_round: int = 1) -> dict:
+    """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread.
+
+    Each round is one llama-bench call of `reps_per_round` repetitions (their mean is the round's sample)."""
     from .inventory import read_gguf, summarize
 
     if runs < 1:
@@ -155,15 +158,16 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
         for name, c in found.items():
             if name in errors:
                 continue
-            r = llama_bench(engine, model, c["args"])
+            r = llama_bench(engine, model, c["args"], reps=reps_per_round)
             if not r["ok"]:
                 errors[name] = r["error"]
                 continue
-            samples[name]["pp"] += r["pp"]
-            samples[name]["tg"] += r["tg"]
+            samples[name]["pp"].append(statistics.mean(r["pp"]))      # one sample per round: llama-bench's mean
+            samples[name]["tg"].append(statistics.mean(r["tg"]))
             samples[name]["rss"].append(r["peak_rss_bytes"])
             if progress:
-                progress(f"round {i + 1}/{runs} {name}: pp {r['pp'][0]:.1f} tg {r['tg'][0]:.1f} tok/s")
+                progress(f"round {i + 1}/{runs} {name}: pp {samples[name]['pp'][-1]:.1f} "
+                         f"tg {samples[name]['tg'][-1]:.1f} tok/s")
     bandwidth = max(p.bandwidth_gbs for p in device.pools) * GB
     result = {}
     for name, c in found.items():
@@ -178,7 +182,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
             entry["bandwidth_share"] = round(c["bytes_per_token"] * tg["median"] / bandwidth, 4)
         result[name] = entry
     return {"model": str(model), "model_hash": quick_hash(model), "device": device.name, "backend": device.backend,
-            "engine": engine.key, "engine_version": tool_version(engine), "runs": runs, "n_prompt": N_PROMPT,
+            "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,
+            "reps_per_round": reps_per_round, "n_prompt": N_PROMPT,
             "n_gen": N_GEN, "contenders": result}
 
 
