@@ -83,7 +83,7 @@ def speed_chart(records: list[dict]) -> str | None:
                 if c.get(key) is not None:
                     series.setdefault(f"{Path(r['model']).name}: {name}", []).append((r["time"], c[key]["median"]))
         for label, points in sorted(series.items()):
-            ax.plot([p[0][5:16] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0][5:19] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         ax.grid(alpha=0.3)
