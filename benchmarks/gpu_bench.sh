@@ -2,17 +2,8 @@
 # `ccmoe-run bench` on the GPU machine (issue 5's acceptance): the bundled model and a generated ~10B-parameter
 # qwen3moe (Q8_0, 10.6 GB), 5 alternating rounds each, with the GPU held so that a 24 GB card is emulated.
 # Run from the repository root on the device machine; results in $OUT (bench JSON, history, log).
-set -uo pipefail
-T0=$(date +%s)
-FREE_MIB=${FREE_MIB:-24077}
-W=${WORK:-/root/ccmoe-gpu}
-OUT=${OUT:-$W/out}
-mkdir -p "$W" "$OUT"
-exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
-export PYTHONUNBUFFERED=1 CCMOE_CACHE_DIR="$W/cache" CCMOE_VENDOR_DIR="$W/llama.cpp"
-say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
-
 source benchmarks/gpu_common.sh
+gpu_log gpu_bench.log
 gpu_setup
 
 MODEL="$W/qwen3moe-10b-q8_0.gguf"

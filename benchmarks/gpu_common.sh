@@ -1,5 +1,17 @@
-# Shared set-up of the GPU jobs (sourced): Python path, the carried llama.cpp source, the CUDA engine build,
-# and gpu_hold (emulate a smaller card). Expects T0, W, OUT and say() from the caller.
+# Shared set-up of the GPU jobs (sourced): work folders and log, Python path, the carried llama.cpp source,
+# the CUDA engine build, and gpu_hold (emulate a smaller card).
+set -uo pipefail
+T0=$(date +%s)
+FREE_MIB=${FREE_MIB:-24077}          # what llama.cpp's fit saw free on an RTX 4090 (tools/fit-params/README.md)
+W=${WORK:-/root/ccmoe-gpu}
+OUT=${OUT:-$W/out}
+mkdir -p "$W" "$OUT"
+export PYTHONUNBUFFERED=1 CCMOE_CACHE_DIR="$W/cache" CCMOE_VENDOR_DIR="$W/llama.cpp"
+say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
+
+gpu_log() {          # everything the job prints also goes to $OUT/$1
+  exec > >(tee -a "$OUT/$1") 2>&1
+}
 gpu_setup() {
   say "host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM; $(nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv,noheader)"
   if [ ! -d /tmp/site/gguf ]; then

@@ -4,18 +4,9 @@
 # (~32 GB, written as random blocks while the engine builds), hold GPU memory so that a 24 GB card is emulated,
 # calibrate, and run benchmarks/placement_bench.py (ccmoe vs --fit, -ot exps=CPU, --n-cpu-moe sweep).
 # Resumable: a second run on the same (warm) machine skips what is done. DEADLINE_S bounds one run.
-set -uo pipefail
-T0=$(date +%s)
-DEADLINE_S=${DEADLINE_S:-570}
-FREE_MIB=${FREE_MIB:-24077}          # what llama.cpp's fit saw free on an RTX 4090 (tools/fit-params/README.md)
-W=${WORK:-/root/ccmoe-gpu}
-OUT=${OUT:-$W/out}
-mkdir -p "$W" "$OUT"
-exec > >(tee -a "$OUT/gpu_placement.log") 2>&1
-export PYTHONUNBUFFERED=1 CCMOE_CACHE_DIR="$W/cache" CCMOE_VENDOR_DIR="$W/llama.cpp"
-say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
-
 source benchmarks/gpu_common.sh
+DEADLINE_S=${DEADLINE_S:-570}
+gpu_log gpu_placement.log
 gpu_setup
 
 MODEL="$W/qwen3moe-30b-q8_0.gguf"

@@ -55,3 +55,14 @@ def load_artifact(path: Path, kind: str, max_version: int) -> dict[str, Any]:
         raise CcmoeError(f"{path} has {kind} schema version {doc.get('version')}, this ccmoe-run reads up to {max_version}",
                          "upgrade ccmoe-runtime or recreate the file")
     return doc
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

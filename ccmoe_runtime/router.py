@@ -13,7 +13,6 @@ output), so the counts are comparable with its expert counts.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import load_artifact, save_artifact
+from .artifacts import file_sha256, load_artifact, save_artifact
 from .engine import Engine
 from .errors import EXIT_ENGINE, CcmoeError
 
@@ -205,14 +204,6 @@ class _Session:
             raise CcmoeError(f"llama_decode failed ({rc})", "check the model and --ctx", EXIT_ENGINE)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_digest(path: Path) -> str:
     """Name, size and modification time: a cheap identity for a big model file."""
     st = Path(path).stat()
@@ -260,7 +251,7 @@ def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks
         raise CcmoeError(f"the router callback saw layers {sorted(capture.tallies)}, the model's MoE layers are "
                          f"{summary.moe_layers}", "the engine's MoE graph changed; update ccmoe-runtime", EXIT_ENGINE)
     return {"model": str(model), "model_digest": _model_digest(Path(model)), "calibration": str(text),
-            "calibration_sha256": _sha256(Path(text)), "ctx": ctx, "chunks_requested": chunks, "chunks": n_chunk,
+            "calibration_sha256": file_sha256(Path(text)), "ctx": ctx, "chunks_requested": chunks, "chunks": n_chunk,
             "tokens": n_tokens, "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
             "score_node": f"ffn_moe_{capture.final_stage}",
             "layers": {str(layer): layer_summary(capture.tallies[layer], n_tokens) for layer in sorted(capture.tallies)}}
@@ -283,7 +274,7 @@ def load_router_stats(path: Path) -> dict:
 def stats_match(doc: dict, model: Path, text: Path, ctx: int, chunks: int | None) -> bool:
     """Whether saved statistics were measured on this model file and text with these settings."""
     return (doc.get("model_digest") == _model_digest(Path(model)) and doc.get("ctx") == ctx
-            and doc.get("chunks_requested") == chunks and doc.get("calibration_sha256") == _sha256(Path(text)))
+            and doc.get("chunks_requested") == chunks and doc.get("calibration_sha256") == file_sha256(Path(text)))
 
 
 def cached_router_stats(engine: Engine, model: Path, text: Path, path: Path, ctx: int = 256, chunks: int | None = 64,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
+from .artifacts import file_sha256
 from .errors import EXIT_ENGINE, CcmoeError
 
 _COUNTS = re.compile(r"^blk\.(\d+)\.ffn_(?:up|gate|gate_up)_(?:ch|)exps\.weight\.counts$")
@@ -53,16 +54,6 @@ def usage_entropy(counts: np.ndarray) -> float:
 EXPERT_STATS_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def expert_frequencies(counts: dict[int, np.ndarray], n_used: int) -> dict[int, np.ndarray]:
     """Share of tokens routed to each expert, per layer (each layer's shares sum to experts-used-per-token)."""
     out = {}
@@ -97,8 +88,8 @@ def profile_model(engine: Engine, model: Path, calibration: Path, out_dir: Path,
     counts = expert_counts(imatrix)
     freqs = expert_frequencies(counts, summary.n_expert_used)
     payload = {
-        "model": str(model), "model_sha256": _sha256(Path(model)), "calibration": str(calibration),
-        "calibration_sha256": _sha256(Path(calibration)), "ctx": ctx, "chunks": chunks, "imatrix": str(imatrix),
+        "model": str(model), "model_sha256": file_sha256(Path(model)), "calibration": str(calibration),
+        "calibration_sha256": file_sha256(Path(calibration)), "ctx": ctx, "chunks": chunks, "imatrix": str(imatrix),
         "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
         "layers": {str(layer): {"counts": counts[layer].tolist(), "frequency": [round(float(x), 6) for x in freqs[layer]],
                                 "entropy_bits": round(usage_entropy(counts[layer]), 4)} for layer in sorted(counts)},
