@@ -1,6 +1,7 @@
 """The compression pipeline's glue: what `profile` leaves in its folder, `plan` from it, and the saved plan.
 
-profile -> <stem>.imatrix.gguf, <stem>.expert-stats.json, <stem>.sensitivity.json, <stem>.impact.json
+profile -> <stem>.imatrix.gguf, <stem>.expert-stats.json, <stem>.sensitivity.json, <stem>.impact.json,
+           <stem>.router-stats.json (mean routing score per expert; models up to 4 GB, which load in memory)
 plan    -> PLAN.json (versioned), PLAN.types.txt (llama-quantize --tensor-type-file), PLAN.png
 build   -> OUT.gguf (+ OUT.gguf.build.json)
 """
@@ -51,6 +52,12 @@ def run_profile(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int
             if p.exists():
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
     result = profile_model(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force)
+    if Path(model).stat().st_size <= IMPACT_MAX_BYTES:        # mean routing score per expert (bindings' cb_eval)
+        from .router import cached_router_stats, router_stats_path
+
+        path = router_stats_path(folder, model)
+        cached_router_stats(engine, model, calib, path, ctx=min(ctx, 256), chunks=chunks, threads=threads)
+        result["router_stats"] = str(path)
     sens = measure_sensitivity(engine, model, paths["imatrix"], result)
     save_sensitivity(sens, paths["sensitivity"])
     result["sensitivity"] = str(paths["sensitivity"])

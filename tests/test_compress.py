@@ -94,6 +94,14 @@ def pipeline(engine, bundled_model, corpus, tmp_path_factory):
             "build_stdout": built.stdout}
 
 
+def test_profile_records_the_mean_routing_score_per_expert(pipeline):
+    doc = json.loads((pipeline["work"] / "profile" / "ccmoe-mini-moe-f16.router-stats.json").read_text())
+    assert doc["schema"] == "ccmoe-runtime/router-stats" and doc["n_expert"] == 8
+    for layer in doc["layers"].values():
+        assert len(layer["mean_score"]) == 8 and all(0 < s <= 1 for s in layer["mean_score"])
+        assert sum(layer["frequency"]) == pytest.approx(2.0, rel=1e-6)          # two experts per token
+
+
 def test_profile_measures_output_impact_per_tensor(pipeline):
     impact = json.loads((pipeline["work"] / "profile" / "ccmoe-mini-moe-f16.impact.json").read_text())
     per = impact["impact"]
