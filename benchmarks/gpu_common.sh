@@ -39,3 +39,21 @@ gpu_hold_memory() {
   for _ in $(seq 1 120); do [ -s "$W/hold.json" ] && break; sleep 0.5; done
   cat "$W/hold.json" "$W/hold.err"; nvidia-smi --query-gpu=memory.used,memory.free --format=csv
 }
+
+# A generated Qwen3-30B-A3B-shaped qwen3moe (2048 wide, 128 experts, top 8) of N layers, written as Q8_0 in the
+# background (the CUDA build runs meanwhile): gpu_generate MODEL LAYERS SEED; then gpu_generated.
+gpu_generate() {
+  GEN_MODEL=$1; GEN_PID=""
+  if [ ! -f "$GEN_MODEL" ]; then
+    say "generating $GEN_MODEL in the background"
+    python3 -m ccmoe_runtime.synth --type q8_0 -o "$GEN_MODEL" --arch qwen3moe --name "$(basename "$GEN_MODEL" .gguf)" \
+      --n-embd 2048 --n-layer "$2" --n-head 32 --n-head-kv 4 --head-dim 128 --n-expert 128 --n-expert-used 8 \
+      --n-ff-exp 768 --vocab-size 512 --seed "$3" > "$GEN_MODEL.log" 2>&1 &
+    GEN_PID=$!
+  fi
+}
+
+gpu_generated() {    # wait for gpu_generate's model
+  if [ -n "$GEN_PID" ]; then wait "$GEN_PID" || { cat "$GEN_MODEL.log"; exit 1; }; fi
+  ls -la "$GEN_MODEL"
+}

@@ -10,18 +10,10 @@ gpu_log gpu_placement.log
 gpu_setup
 
 MODEL="$W/qwen3moe-30b-q8_0.gguf"
-GEN_PID=""
-if [ ! -f "$MODEL" ]; then
-  say "generating $MODEL in the background"
-  python3 -m ccmoe_runtime.synth --type q8_0 -o "$MODEL" --arch qwen3moe --name synth-qwen3moe-30b \
-    --n-embd 2048 --n-layer 48 --n-head 32 --n-head-kv 4 --head-dim 128 --n-expert 128 --n-expert-used 8 \
-    --n-ff-exp 768 --vocab-size 512 --seed 30 > "$W/gen.log" 2>&1 &
-  GEN_PID=$!
-fi
+gpu_generate "$MODEL" 48 30
 
 gpu_build_engine
-if [ -n "$GEN_PID" ]; then wait "$GEN_PID" || { cat "$W/gen.log"; exit 1; }; fi
-cat "$W/gen.log"; ls -la "$MODEL"
+gpu_generated
 
 gpu_hold_memory
 
