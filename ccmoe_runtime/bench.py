@@ -15,7 +15,6 @@ from .engine import Engine, tool_version
 from .errors import EXIT_USAGE, CcmoeError
 
 BENCH_VERSION = 1
-EXIT_REGRESSION = 6          # tokens/s fell more than --max-regression
 N_PROMPT, N_GEN = 512, 128
 
 

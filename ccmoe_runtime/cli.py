@@ -481,7 +481,8 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
 @click.option("--json", "as_json", is_flag=True)
 def bench(device, model, runs, threads, history, no_history, baseline, max_regression, as_json) -> None:
     """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
-    from .bench import EXIT_REGRESSION, load_baseline, regressions, run_bench
+    from .bench import load_baseline, regressions, run_bench
+    from .errors import EXIT_REGRESSION
     from .devices import get_profile
     from .engine import find_engine
     from .sources import resolve_model_path

@@ -8,6 +8,7 @@ EXIT_USAGE = 2          # bad input: path, name, option value
 EXIT_ENGINE = 3         # the llama.cpp engine is missing, too old or failed
 EXIT_RESOURCE = 4       # not enough memory, disk or budget
 EXIT_SERVER = 5         # llama-server failed to start or died
+EXIT_REGRESSION = 6     # `bench`: tokens/s fell more than --max-regression below the baseline
 
 
 class CcmoeError(Exception):
