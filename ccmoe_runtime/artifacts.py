@@ -57,6 +57,12 @@ def load_artifact(path: Path, kind: str, max_version: int) -> dict[str, Any]:
     return doc
 
 
+def file_digest(path: Path) -> str:
+    """A cheap identity for a big input: resolved path, size and modification time (hashing 100 GB is too slow)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's content, read in 1 MiB blocks."""
     import hashlib

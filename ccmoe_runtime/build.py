@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import save_artifact
+from .artifacts import file_digest, save_artifact
 from .engine import Engine
 from .errors import EXIT_ENGINE, EXIT_RESOURCE, CcmoeError
 
@@ -58,12 +58,6 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
         tmp.unlink(missing_ok=True)
         types_file.unlink(missing_ok=True)
     return out
-
-
-def file_digest(path: Path) -> str:
-    """A cheap identity for a big input: name, size and modification time (content hashing 100 GB is too slow)."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def build_key(engine: Engine, model: Path, plan: dict, imatrix: Path | None) -> str:

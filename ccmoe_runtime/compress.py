@@ -52,7 +52,8 @@ def run_profile(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int
             if p.exists():
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
     result = profile_model(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force)
-    if Path(model).stat().st_size <= IMPACT_MAX_BYTES:        # mean routing score per expert (bindings' cb_eval)
+    small = Path(model).stat().st_size <= IMPACT_MAX_BYTES       # loads in memory; probe builds are affordable
+    if small:        # mean routing score per expert (bindings' cb_eval)
         from .router import cached_router_stats, router_stats_path
 
         path = router_stats_path(folder, model)
@@ -62,7 +63,7 @@ def run_profile(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int
     save_sensitivity(sens, paths["sensitivity"])
     result["sensitivity"] = str(paths["sensitivity"])
     if impact is None:
-        impact = Path(model).stat().st_size <= IMPACT_MAX_BYTES
+        impact = small
     if impact:
         work = folder / ".impact-work"
         try:

@@ -112,7 +112,7 @@ def cached_reference_logits(engine: Engine, reference: Path, text: Path, ctx: in
     """The reference model's logits over `text`, kept in the cache by (model, text, ctx, engine)."""
     import hashlib
 
-    from .build import file_digest
+    from .artifacts import file_digest
     from .engine import cache_root
 
     key = hashlib.sha256("\n".join([file_digest(reference), file_digest(text), str(ctx), engine.key]).encode())

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import file_sha256, load_artifact, save_artifact
+from .artifacts import file_digest, file_sha256, load_artifact, save_artifact
 from .engine import Engine
 from .errors import EXIT_ENGINE, CcmoeError
 
@@ -204,12 +204,6 @@ class _Session:
             raise CcmoeError(f"llama_decode failed ({rc})", "check the model and --ctx", EXIT_ENGINE)
 
 
-def _model_digest(path: Path) -> str:
-    """Name, size and modification time: a cheap identity for a big model file."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def layer_summary(t: LayerTally, n_tokens: int) -> dict[str, list]:
     """Counts, frequency (share of tokens; sums to experts-used), mean final and raw weight when picked."""
     picked = np.maximum(t.counts, 1)
@@ -250,7 +244,7 @@ def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks
     if sorted(capture.tallies) != summary.moe_layers:
         raise CcmoeError(f"the router callback saw layers {sorted(capture.tallies)}, the model's MoE layers are "
                          f"{summary.moe_layers}", "the engine's MoE graph changed; update ccmoe-runtime", EXIT_ENGINE)
-    return {"model": str(model), "model_digest": _model_digest(Path(model)), "calibration": str(text),
+    return {"model": str(model), "model_digest": file_digest(Path(model)), "calibration": str(text),
             "calibration_sha256": file_sha256(Path(text)), "ctx": ctx, "chunks_requested": chunks, "chunks": n_chunk,
             "tokens": n_tokens, "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
             "score_node": f"ffn_moe_{capture.final_stage}",
@@ -273,7 +267,7 @@ def load_router_stats(path: Path) -> dict:
 
 def stats_match(doc: dict, model: Path, text: Path, ctx: int, chunks: int | None) -> bool:
     """Whether saved statistics were measured on this model file and text with these settings."""
-    return (doc.get("model_digest") == _model_digest(Path(model)) and doc.get("ctx") == ctx
+    return (doc.get("model_digest") == file_digest(Path(model)) and doc.get("ctx") == ctx
             and doc.get("chunks_requested") == chunks and doc.get("calibration_sha256") == file_sha256(Path(text)))
 
 
