@@ -13,8 +13,13 @@ gpu_build_engine
 gpu_generated
 gpu_hold_memory
 
-say "calibrating"
-python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
+HOST_PROFILE=$(python3 -c "from ccmoe_runtime.costmodel import host_profile_path as p; from ccmoe_runtime.devices import get_profile as g; print(p(g('auto')))")
+if [ -f "$HOST_PROFILE" ]; then
+  say "host profile from an earlier calibration: $HOST_PROFILE"; cp "$HOST_PROFILE" "$OUT/host-profile.json"
+else
+  say "calibrating"
+  python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
+fi
 for m in bundled "$MODEL"; do
   name=$(basename "$m" .gguf)
   say "bench $name"

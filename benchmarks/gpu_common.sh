@@ -41,19 +41,21 @@ gpu_hold_memory() {
 }
 
 # A generated Qwen3-30B-A3B-shaped qwen3moe (2048 wide, 128 experts, top 8) of N layers, written as Q8_0 in the
-# background (the CUDA build runs meanwhile): gpu_generate MODEL LAYERS SEED; then gpu_generated.
+# background (the CUDA build runs meanwhile): gpu_generate MODEL LAYERS SEED (as often as needed); then gpu_generated.
+GEN_PIDS=""
 gpu_generate() {
-  GEN_MODEL=$1; GEN_PID=""
-  if [ ! -f "$GEN_MODEL" ]; then
-    say "generating $GEN_MODEL in the background"
-    python3 -m ccmoe_runtime.synth --type q8_0 -o "$GEN_MODEL" --arch qwen3moe --name "$(basename "$GEN_MODEL" .gguf)" \
+  local model=$1
+  if [ ! -f "$model" ]; then
+    say "generating $model in the background"
+    python3 -m ccmoe_runtime.synth --type q8_0 -o "$model" --arch qwen3moe --name "$(basename "$model" .gguf)" \
       --n-embd 2048 --n-layer "$2" --n-head 32 --n-head-kv 4 --head-dim 128 --n-expert 128 --n-expert-used 8 \
-      --n-ff-exp 768 --vocab-size 512 --seed "$3" > "$GEN_MODEL.log" 2>&1 &
-    GEN_PID=$!
+      --n-ff-exp 768 --vocab-size 512 --seed "$3" > "$model.log" 2>&1 &
+    GEN_PIDS="$GEN_PIDS $!"
   fi
 }
 
-gpu_generated() {    # wait for gpu_generate's model
-  if [ -n "$GEN_PID" ]; then wait "$GEN_PID" || { cat "$GEN_MODEL.log"; exit 1; }; fi
-  ls -la "$GEN_MODEL"
+gpu_generated() {    # wait for every gpu_generate model
+  for pid in $GEN_PIDS; do wait "$pid" || { cat "$W"/*.gguf.log; exit 1; }; done
+  GEN_PIDS=""
+  ls -la "$W"/*.gguf
 }

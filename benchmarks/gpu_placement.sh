@@ -11,6 +11,7 @@ gpu_setup
 
 MODEL="$W/qwen3moe-30b-q8_0.gguf"
 gpu_generate "$MODEL" 48 30
+[ -n "${ALSO_10B:-}" ] && gpu_generate "$W/qwen3moe-10b-q8_0.gguf" 16 10     # for gpu_bench.sh, next call
 
 gpu_build_engine
 gpu_generated

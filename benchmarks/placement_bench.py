@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ccmoe_runtime.calibrate import calibrate  # noqa: E402
-from ccmoe_runtime.costmodel import load_factors  # noqa: E402
+from ccmoe_runtime.costmodel import host_profile_path, load_factors  # noqa: E402
 from ccmoe_runtime.devices import get_profile, read_nvidia_smi  # noqa: E402
 from ccmoe_runtime.engine import find_engine  # noqa: E402
 from ccmoe_runtime.inventory import read_gguf, summarize  # noqa: E402
@@ -83,6 +83,9 @@ def ensure_calibration(engine, work: Path, size_mb: int, reps: int) -> Path:
     if not path.is_file():
         log("calibrating (generated models, llama-bench)")
         calibrate(engine, get_profile("auto"), path, size_mb=size_mb, reps=reps, progress=log)
+        shared = host_profile_path(get_profile("auto"))        # where `ccmoe-run bench/serve --device auto` look
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        shared.write_bytes(path.read_bytes())
     log(f"calibration: {json.dumps(load_json(path, {}).get('factors'))}")
     return path
 
@@ -97,7 +100,7 @@ def ccmoe_placement(engine, model: Path, work: Path, host_profile: Path, extra_m
     inv = read_gguf(model)
     settings = Settings(ctx=N_PROMPT, parallel=1, kv_type="f16", depth=N_GEN // 2, n_prompt=N_PROMPT,
                         margin_bytes=DEFAULT_MARGIN + extra_margin)
-    p = place(inv, device, factors, settings, engine, model)
+    p = place(inv, device, factors, settings, engine, model, trial=True)
     save_placement(p, work / f"{name}.json")
     lines = summary_lines(p)
     for line in lines:
@@ -131,9 +134,10 @@ def run_contenders(engine, model: Path, placement: dict, results: dict, path: Pa
         save_json(path, results)
         return r
 
-    first = run("ccmoe", placement["bench_args"])
+    first = run("ccmoe", placement["bench_args"] + ["-t", str(placement["threads"])])
     if first is not None and not first["ok"] and retry is not None:
-        run("ccmoe-margin", retry()["bench_args"])     # a placement that did not load: once more, 512 MiB freer
+        again = retry()
+        run("ccmoe-margin", again["bench_args"] + ["-t", str(again["threads"])])     # a placement that did not load: once more, 512 MiB freer
     run("fit", ["-fitt", "1024"])
     start = max(cpu_expert_layers(placement), 1)
     n = start
@@ -150,6 +154,10 @@ def run_contenders(engine, model: Path, placement: dict, results: dict, path: Pa
                 break
             n += 1
     run("exps=CPU", ["-ot", "exps=CPU"])
+    best = min((int(k.split("=")[1]) for k, r in results.items() if k.startswith("ncmoe=") and r.get("ok")), default=None)
+    own = (["-lm", placement["load_mode"]] if placement["load_mode"] != "auto" else []) + ["-t", str(placement["threads"])]
+    if best is not None:                    # attribution, not a baseline: llama.cpp's layers with ccmoe's CPU settings
+        run(f"ncmoe={best} +ccmoe-cpu-settings", ["-ncmoe", str(best), *own])
 
 
 def table(results: dict, predicted: dict) -> list[str]:
@@ -174,7 +182,7 @@ def verdict(results: dict, predicted: dict) -> dict:
     if mine_key not in ok:
         return {"ccmoe_measured": False}
     mine = ok[mine_key][f"tg{N_GEN}"]["median"]
-    others = {k: r[f"tg{N_GEN}"]["median"] for k, r in ok.items() if not k.startswith("ccmoe")}
+    others = {k: r[f"tg{N_GEN}"]["median"] for k, r in ok.items() if not k.startswith("ccmoe") and "+ccmoe" not in k}
     best = max(others.items(), key=lambda kv: kv[1]) if others else (None, 0.0)
     pred = predicted["decode_tps"]
     pp_pred, pp_meas = predicted["prompt_tps"], ok[mine_key][f"pp{N_PROMPT}"]["median"]
@@ -214,7 +222,8 @@ def main() -> int:
            "gpu": gpu_state(), "engine": str(engine.bin_dir), "reps": a.reps,
            "calibration": load_json(host_profile, {}), "placement_summary": lines,
            "placement": {k: placement[k] for k in ("overrides", "memory", "predicted", "predicted_empty",
-                                                   "bench_args", "memory_source", "factors_source")},
+                                                   "bench_args", "memory_source", "factors_source", "notes",
+                                                   "load_mode", "threads")},
            "results": results, "verdict": verdict(results, predicted)}
     save_json(a.out / "placement_bench.json", doc)
     md = table(results, predicted)

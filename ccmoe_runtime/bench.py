@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,8 +17,11 @@ from .devices import GB, DeviceProfile
 from .engine import Engine, tool_version
 from .errors import EXIT_USAGE, CcmoeError
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2
 N_PROMPT, N_GEN = 512, 128
+MIN_ROUND_S = 5.0         # measured work per contender per round: short runs are at the mercy of the machine
+MIN_REPS, MAX_REPS = 3, 100     # a round's sample is its best repetition: best of 3 at least
+MAX_ROUND_S = 60.0
 
 
 def quick_hash(path: Path, edge: int = 16 << 20) -> str:
@@ -39,31 +45,33 @@ def spread(samples: list[float]) -> dict:
             "samples": [round(s, 2) for s in samples]}
 
 
-class _PeakRss:
-    """Samples the resident memory of a process (with its children) while it runs."""
+def run_measured(cmd: list[str], timeout: float) -> tuple[int | None, str, str, int]:
+    """Run a command to its end: (exit code or None on timeout, stdout, stderr, peak resident bytes).
 
-    def __init__(self, pid: int):
-        import psutil
-
-        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            self._stop.wait(0.05)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+    The peak is the kernel's own high-water mark of the child (wait4's ru_maxrss): exact, and no sampling
+    thread competes with the benchmark for the CPU."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    texts: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, f=f: texts.__setitem__(k, f.read()), daemon=True)
+               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    killed = threading.Event()
+    timer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:                                    # Ctrl-C: leave no llama-bench behind
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join()
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return (None if killed.is_set() else proc.returncode), texts.get("out", ""), texts.get("err", ""), peak
 
 
 def llama_bench(engine: Engine, model: Path, args: list[str], reps: int = 1, n_prompt: int = N_PROMPT,
@@ -72,24 +80,24 @@ def llama_bench(engine: Engine, model: Path, args: list[str], reps: int = 1, n_p
     cmd = [str(engine.tool("llama-bench")), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
            "-o", "json", *args]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = _PeakRss(proc.pid)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    rc, out, err, rss = run_measured(cmd, timeout)
+    if rc is None:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "args": args}
-    finally:
-        rss = peak.stop()
-    result = {"ok": proc.returncode == 0, "args": args, "wall_s": round(time.monotonic() - started, 2),
-              "peak_rss_bytes": rss}
-    if proc.returncode:
+    result = {"ok": rc == 0, "args": args, "wall_s": round(time.monotonic() - started, 2), "peak_rss_bytes": rss}
+    if rc:
         result["error"] = " | ".join(err.strip().splitlines()[-3:])
         return result
     for row in json.loads(out):
         result["pp" if row["n_prompt"] else "tg"] = row.get("samples_ts") or [row["avg_ts"]]
     return result
+
+
+def reps_for(warm: dict, min_round_s: float) -> int:
+    """Repetitions per round: enough for `min_round_s` seconds of measured work, and at least MIN_REPS unless
+    that makes a round last over a minute (a huge model)."""
+    per_rep = N_PROMPT / statistics.median(warm["pp"]) + N_GEN / statistics.median(warm["tg"])
+    floor = max(1, min(MIN_REPS, int(MAX_ROUND_S / per_rep)))
+    return max(floor, min(MAX_REPS, math.ceil(min_round_s / per_rep)))
 
 
 def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None) -> dict:
@@ -100,21 +108,22 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
 
     from .serve import environment_threads
 
-    threads = threads or min(device.threads, environment_threads())    # a profile's count may exceed this host's
+    base_threads = threads or min(device.threads, environment_threads())   # a profile's count may exceed this host's
     inv = read_gguf(model)
     p = place(inv, device, load_factors(device), Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2,
-                                                          n_prompt=N_PROMPT, threads=threads), engine, model)
-    threads_args = ["-t", str(p.threads)]
+                                                          n_prompt=N_PROMPT, threads=threads), engine, model,
+              trial=device.backend == "cuda")
     cpu_layers = {int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n}
-    found = {"ccmoe": {"args": p.bench_args() + threads_args, "predicted": p.predicted_empty.to_dict(),
+    found = {"ccmoe": {"args": p.bench_args() + ["-t", str(p.threads)], "predicted": p.predicted_empty.to_dict(),
                        "bytes_per_token": sum(p.predicted_empty.bytes_per_token.values()),
-                       "cpu_expert_layers": len(cpu_layers)}}
+                       "cpu_expert_layers": len(cpu_layers), "notes": p.notes}}
+    threads_args = ["-t", str(base_threads)]             # llama.cpp's placements: the user's or the profile's threads
     if device.backend == "cpu":
         found["llama.cpp default"] = {"args": []}
     else:
         found["fit"] = {"args": ["-fitt", "1024"] + threads_args}
         found["exps=CPU"] = {"args": ["-ngl", "999", "-ot", "exps=CPU"] + threads_args}
-        if all(w == "gpu" for w in p.tensors.values()):
+        if not p.has_host_weights:                       # everything (but token_embd, as llama.cpp does) on the GPU
             found["all-gpu"] = {"args": ["-ngl", "999"] + threads_args}
     return found
 
@@ -135,38 +144,51 @@ def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, t
 
 
 def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
-              progress=None, reps_per_round: int = 1) -> dict:
+              progress=None, min_round_s: float = MIN_ROUND_S) -> dict:
     """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread.
 
-    Each round is one llama-bench call of `reps_per_round` repetitions (their mean is the round's sample)."""
+    A warm-up round (not counted) times each contender and sets its repetitions per round, so that a round's
+    measured work lasts at least `min_round_s`; a round's sample is its best repetition (the machine's noise only
+    ever slows a run down, as Python's timeit argues), and its median repetition is kept beside it."""
     from .inventory import read_gguf, summarize
 
     if runs < 1:
         raise CcmoeError(f"--runs {runs} is not a positive count", "pass --runs 3 or more", EXIT_USAGE)
+    say = progress or (lambda _msg: None)
     found = contenders(engine, model, device, threads)
     if device.backend != "cpu":
         s = summarize(read_gguf(model))
         start = found["ccmoe"]["cpu_expert_layers"]          # search llama.cpp's layer count from ccmoe's
-        t = found["ccmoe"]["args"][found["ccmoe"]["args"].index("-t") + 1]
+        t = found["fit"]["args"][found["fit"]["args"].index("-t") + 1]
         n = best_n_cpu_moe(engine, model, len(s.moe_layers), start, int(t))
         if n is not None:
             found[f"n-cpu-moe={n}"] = {"args": ["-ncmoe", str(n), "-t", t]}
-    samples = {name: {"pp": [], "tg": [], "rss": []} for name in found}
-    errors = {}
+    samples = {name: {"pp": [], "tg": [], "pp_median": [], "tg_median": [], "rss": []} for name in found}
+    errors, reps = {}, {}
+    for name, c in found.items():
+        warm = llama_bench(engine, model, c["args"], reps=3)
+        if not warm["ok"]:
+            errors[name] = warm["error"]
+            continue
+        reps[name] = reps_for(warm, min_round_s)
+        if reps[name] > 3:                          # a short probe: warm up for a whole round as well
+            warm = llama_bench(engine, model, c["args"], reps=reps[name])
+        samples[name]["rss"].append(warm["peak_rss_bytes"])
+        say(f"warm-up {name}: pp {statistics.median(warm['pp']):.1f} tg {statistics.median(warm['tg']):.1f} tok/s; "
+            f"{reps[name]} repetitions per round")
     for i in range(runs):
         for name, c in found.items():
             if name in errors:
                 continue
-            r = llama_bench(engine, model, c["args"], reps=reps_per_round)
+            r = llama_bench(engine, model, c["args"], reps=reps[name])
             if not r["ok"]:
                 errors[name] = r["error"]
                 continue
-            samples[name]["pp"].append(statistics.mean(r["pp"]))      # one sample per round: llama-bench's mean
-            samples[name]["tg"].append(statistics.mean(r["tg"]))
+            for key in ("pp", "tg"):                # one sample per round: its best repetition (noise only slows)
+                samples[name][key].append(max(r[key]))
+                samples[name][key + "_median"].append(statistics.median(r[key]))
             samples[name]["rss"].append(r["peak_rss_bytes"])
-            if progress:
-                progress(f"round {i + 1}/{runs} {name}: pp {samples[name]['pp'][-1]:.1f} "
-                         f"tg {samples[name]['tg'][-1]:.1f} tok/s")
+            say(f"round {i + 1}/{runs} {name}: pp {samples[name]['pp'][-1]:.1f} tg {samples[name]['tg'][-1]:.1f} tok/s")
     bandwidth = max(p.bandwidth_gbs for p in device.pools) * GB
     result = {}
     for name, c in found.items():
@@ -174,16 +196,16 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
             result[name] = {"args": c["args"], "error": errors[name]}
             continue
         tg = spread(samples[name]["tg"])
-        entry = {"args": c["args"], "pp": spread(samples[name]["pp"]), "tg": tg,
+        entry = {"args": c["args"], "reps_per_round": reps[name], "pp": spread(samples[name]["pp"]), "tg": tg,
+                 "round_medians": {k: spread(samples[name][k + "_median"]) for k in ("pp", "tg")},
                  "peak_rss_bytes": max(samples[name]["rss"])}
         if "bytes_per_token" in c:
             entry["predicted"] = {"pp": c["predicted"]["prompt_tps"], "tg": c["predicted"]["decode_tps"]}
             entry["bandwidth_share"] = round(c["bytes_per_token"] * tg["median"] / bandwidth, 4)
         result[name] = entry
-    return {"model": str(model), "model_hash": quick_hash(model), "device": device.name, "backend": device.backend,
-            "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,
-            "reps_per_round": reps_per_round, "n_prompt": N_PROMPT,
-            "n_gen": N_GEN, "contenders": result}
+    return {"version": BENCH_VERSION, "model": str(model), "model_hash": quick_hash(model), "device": device.name,
+            "backend": device.backend, "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,
+            "min_round_s": min_round_s, "notes": found["ccmoe"].get("notes", []), "n_prompt": N_PROMPT, "n_gen": N_GEN, "contenders": result}
 
 
 def regressions(current: dict, baseline: dict, max_regression_pct: float) -> list[str]:

@@ -193,8 +193,8 @@ def fit_factors(device: DeviceProfile, models: list[CalModel], full: dict, split
     return f
 
 
-class _GpuPeak:
-    """Samples nvidia-smi's used memory of GPU 0 in a thread; `peak` after `stop`."""
+class GpuPeak:
+    """Samples nvidia-smi's used memory of GPU 0 in a thread; `stop` gives the peak rise in bytes."""
 
     def __init__(self):
         from .devices import read_nvidia_smi
@@ -220,21 +220,57 @@ class _GpuPeak:
         return (self.peak - self.before) * MIB
 
 
-def gpu_overhead(engine: Engine, tiny: CalModel, threads: int | None) -> int | None:
-    """GPU memory a llama.cpp process takes beyond its own buffers (CUDA context, pools): peak use of a run on the
-    tiny model minus llama.cpp's dry-run estimate of its buffers."""
+def run_overhead(engine: Engine, model: Path, bench_args: list[str], fit_args: list[str], n_prompt: int = N_PROMPT,
+                 n_gen: int = 16) -> int | None:
+    """GPU memory a llama.cpp process takes beyond its own buffers (CUDA context, cuBLAS, pools): the peak use of a
+    short llama-bench run minus llama.cpp's dry-run estimate of its buffers for the same flags (-c n_prompt+n_gen).
+    None when llama-fit-params is missing or the run did not load."""
     from .placement import fit_print
 
-    est = fit_print(engine, tiny.path, ["-c", str(N_PROMPT), "-ngl", "999", "-ub", str(N_PROMPT)])
+    est = fit_print(engine, model, ["-c", str(n_prompt + n_gen), *fit_args])
     gpu = next((v for k, v in (est or {}).items() if k != "Host"), None)
     if gpu is None:
         return None
-    probe = _GpuPeak()
+    cmd = [str(engine.tool("llama-bench")), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
+           "-o", "json", *bench_args]
+    probe = GpuPeak()
     try:
-        run_bench(engine, [tiny], ["-ngl", "99"], 2, threads)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     finally:
         used = probe.stop()
+    if out.returncode != 0:
+        return None
     return max(used - sum(gpu.values()), 0)
+
+
+def gpu_overhead(engine: Engine, tiny: CalModel, threads: int | None) -> int | None:
+    """The process overhead measured on the tiny model, everything on the GPU."""
+    t = ["-t", str(threads)] if threads else []
+    return run_overhead(engine, tiny.path, ["-ngl", "99", *t], ["-ngl", "999", "-ub", str(N_PROMPT)], n_gen=N_GEN)
+
+
+def cpu_candidates(threads: int) -> list[tuple[str, int]]:
+    """(llama.cpp load mode, threads) tried for expert weights in host memory next to a GPU: memory-mapped
+    (llama.cpp's default) or loaded into its own (pinned) host buffers, at `threads` and at half as many."""
+    counts = [threads] + ([threads // 2] if threads >= 8 else [])
+    return [(mode, n) for n in counts for mode in ("auto", "none")]
+
+
+def measure_cpu_settings(engine: Engine, models: list[CalModel], reps: int, threads: int, say
+                         ) -> tuple[dict, tuple[str, int], dict[str, float]]:
+    """Every candidate with the experts on the CPU; the fastest (summed decode time of the medium models) wins.
+    Returns its times, the winner and each candidate's summed medium decode tokens/s for the record."""
+    tried = {}
+    for mode, n in cpu_candidates(threads):
+        say(f"llama-bench: experts on the CPU (-ot exps=CPU), load mode {mode}, {n} threads")
+        args = ["-ngl", "99", "-ot", "exps=CPU"] + (["-lm", mode] if mode != "auto" else [])
+        tried[(mode, n)] = run_bench(engine, models, args, reps, n)
+
+    def decode_s(res: dict) -> float:
+        return sum(t for (role, kind), t in res.items() if role.startswith("medium") and kind == "tg")
+
+    best = min(tried, key=lambda k: decode_s(tried[k]))
+    return tried[best], best, {f"{mode}/t{n}": round(1.0 / decode_s(res), 2) for (mode, n), res in tried.items()}
 
 
 def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | None = None,
@@ -253,11 +289,15 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
         models = make_models(Path(tmp), size_mb, types, wide=main == "gpu")
         say("llama-bench: all layers on the " + main.upper())
         full = run_bench(engine, models, ["-ngl", "99" if main == "gpu" else "0"], reps, threads)
-        split = None
+        split, cpu_choice, cpu_tried = None, None, {}
         if main == "gpu":
-            say("llama-bench: experts on the CPU (-ot exps=CPU)")
-            split = run_bench(engine, models, ["-ngl", "99", "-ot", "exps=CPU"], reps, threads)
+            from .serve import environment_threads
+
+            split, cpu_choice, cpu_tried = measure_cpu_settings(
+                engine, models, reps, threads or min(device.threads, environment_threads()), say)
         factors = fit_factors(device, models, full, split)
+        if cpu_choice:
+            factors.cpu_load_mode, factors.cpu_threads = cpu_choice
         if main == "gpu" and engine.backend == "cuda":
             measured = gpu_overhead(engine, models[0], threads)
             if measured is not None:
@@ -266,7 +306,7 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
         check = _self_check(device, factors, models, full, split)
     extra = {"device": device.name, "backend": engine.backend, "engine": engine.key or str(engine.bin_dir),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.monotonic() - started, 1),
-             "reps": reps, "threads": threads,
+             "reps": reps, "threads": threads, "cpu_settings_tried": cpu_tried,
              "runs": {f"{role}/{kind}/{mode}": round(1.0 / t, 2) for mode, res in (("full", full), ("split", split or {}))
                       for (role, kind), t in res.items()},
              "fit": check}

@@ -478,8 +478,10 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
               help="A bench result (bench --json output, or a history file: its last bench line).")
 @click.option("--max-regression", type=float, default=10.0, show_default=True,
               help="Percent tokens/s may fall below the baseline before the exit is non-zero (6).")
+@click.option("--min-round-s", type=float, default=5.0, show_default=True,
+              help="Seconds of measured work per contender per round (more repetitions for fast models).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(device, model, runs, threads, history, no_history, baseline, max_regression, as_json) -> None:
+def bench(device, model, runs, threads, history, no_history, baseline, max_regression, min_round_s, as_json) -> None:
     """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
     from .bench import load_baseline, regressions, run_bench
     from .errors import EXIT_REGRESSION
@@ -491,7 +493,7 @@ def bench(device, model, runs, threads, history, no_history, baseline, max_regre
     base = load_baseline(baseline) if baseline else None
     say = (lambda line: click.echo(line, err=True)) if not as_json else None
     result = run_bench(find_engine(profile.backend if device != "auto" else None), resolve_model_path(model),
-                       profile, runs=runs, threads=threads, progress=say)
+                       profile, runs=runs, threads=threads, progress=say, min_round_s=min_round_s)
     if not no_history:
         from .report import append_history
 

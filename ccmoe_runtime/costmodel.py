@@ -52,6 +52,8 @@ class Factors:
     offload_gbs: dict[str, float] = field(default_factory=dict)   # per weight type, measured offload rate
     gpu_overhead_bytes: int = DEFAULT_GPU_OVERHEAD
     host_overhead_bytes: int = DEFAULT_HOST_OVERHEAD
+    cpu_load_mode: str = "auto"           # llama.cpp --load-mode for weights in host memory next to a GPU (measured)
+    cpu_threads: int | None = None        # threads for CPU-resident weights next to a GPU (measured)
     source: str = "defaults"
 
     def eff(self, where: str, ggml_type: str, slow_types: list[str] | None = None) -> float:

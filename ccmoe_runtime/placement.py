@@ -80,18 +80,26 @@ class Placement:
     memory: dict[str, PoolUse]
     predicted: Prediction
     predicted_empty: Prediction      # decode at an empty context (what llama-bench tg measures)
-    memory_source: str               # "llama-fit-params" or "estimate"
+    memory_source: str               # "llama-fit-params" or "estimate" (+ " and a trial run")
     factors_source: str
+    load_mode: str = "auto"          # llama.cpp --load-mode (none: host-memory weights in llama.cpp's own buffers)
     notes: list[str] = field(default_factory=list)
 
     def server_args(self) -> list[str]:
         """llama-server flags (besides model, host, port, ctx and parallel, which ServerConfig sets)."""
-        args = ["-ngl", str(self.n_gpu_layers), "--fit", "off", "-fa", self.flash_attn,
+        args = self.common_args()
+        return args[:2] + ["--fit", "off"] + args[2:]
+
+    def common_args(self) -> list[str]:
+        """The placement's flags as every llama.cpp tool but llama-bench spells them (no context, no threads)."""
+        args = ["-ngl", str(self.n_gpu_layers), "-fa", self.flash_attn,
                 "-b", str(self.settings.batch), "-ub", str(self.settings.ubatch)]
         if self.overrides:
             args += ["-ot", ",".join(self.overrides)]
         if self.kv_type != "f16":
             args += ["-ctk", self.kv_type, "-ctv", self.kv_type]
+        if self.load_mode != "auto":
+            args += ["-lm", self.load_mode]
         return args
 
     def launch_args(self) -> list[str]:
@@ -107,7 +115,14 @@ class Placement:
             args += ["-ot", ";".join(self.overrides)]
         if self.kv_type != "f16":
             args += ["-ctk", self.kv_type, "-ctv", self.kv_type]
+        if self.load_mode != "auto":
+            args += ["-lm", self.load_mode]
         return args
+
+    @property
+    def has_host_weights(self) -> bool:
+        """Some weights (besides token_embd) stay in host memory while the layers run on a GPU."""
+        return self.n_gpu_layers > 0 and bool(self.overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -418,8 +433,20 @@ def _place_once(cx: _Context, kv_type: str, engine: Engine | None, model: Path |
 
 
 def place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
-          engine: Engine | None = None, model: Path | None = None, stats: dict | None = None) -> Placement:
-    """The placement that maximises predicted decode tokens/s under every pool's capacity."""
+          engine: Engine | None = None, model: Path | None = None, stats: dict | None = None,
+          trial: bool = False) -> Placement:
+    """The placement that maximises predicted decode tokens/s under every pool's capacity.
+
+    `trial`: on CUDA, when weights stay in host memory, measure the GPU memory a run of the placement really takes
+    and place again with it (see `tune_by_trial`)."""
+    first = _place(inv, device, factors, settings, engine, model, stats)
+    if trial and engine is not None and model is not None and engine.backend == "cuda" and first.has_host_weights:
+        return tune_by_trial(first, inv, device, factors, settings, engine, model, stats)
+    return first
+
+
+def _place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
+           engine: Engine | None, model: Path | None, stats: dict | None) -> Placement:
     s = summarize(inv)
     if settings.depth is None:                    # a slot never holds more than the model was trained for
         ctx_train = int(inv.key("context_length", 0) or 0)
@@ -448,12 +475,60 @@ def place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings
                          EXIT_RESOURCE)
     rules, _ = _llama_args(cx, where, kv_type)
     _check_rules(rules, where, cx)
-    threads = settings.threads or device.threads
+    hybrid = cx.main == "gpu" and bool(rules)
     return Placement(model=inv.source, device=device.name, backend=device.backend, settings=settings, kv_type=kv_type,
                      flash_attn=_flash(device, kv_type), n_gpu_layers=999 if cx.main == "gpu" else 0,
-                     threads=threads, tensors=where, overrides=rules, memory=use, predicted=pred,
-                     predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
-                     factors_source=factors.source)
+                     threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
+                     predicted=pred, predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
+                     factors_source=factors.source, load_mode=factors.cpu_load_mode if hybrid else "auto")
+
+
+def _threads(settings: Settings, device: DeviceProfile, factors: Factors, hybrid: bool) -> int:
+    """The user's count, else the measured best for host-memory experts next to a GPU, else the profile's; never
+    more than this process may use."""
+    if settings.threads:
+        return settings.threads
+    from .serve import environment_threads
+
+    wanted = factors.cpu_threads if hybrid and factors.cpu_threads else device.threads
+    return max(1, min(wanted, environment_threads()))
+
+
+TRIAL_BACKOFF = 512 * MIB
+
+
+def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, factors: Factors,
+                  settings: Settings, engine: Engine, model: Path, stats: dict | None) -> Placement:
+    """Run the placement once (llama-bench, 512-token prompt, 16 tokens) and measure the GPU memory the process
+    takes beyond llama.cpp's own buffers; place again with that overhead instead of the calibrated one, and keep
+    the new placement only when it runs too. A first placement that does not run is placed again 512 MiB freer."""
+    from .calibrate import run_overhead
+
+    def overhead(p: Placement) -> int | None:
+        return run_overhead(engine, model, p.bench_args() + ["-t", str(p.threads)], p.common_args())
+
+    measured = overhead(first)
+    if measured is None:
+        bumped = replace(factors, gpu_overhead_bytes=factors.gpu_overhead_bytes + TRIAL_BACKOFF)
+        p = _place(inv, device, bumped, settings, engine, model, stats)
+        p.notes.append(f"a trial run of the first placement failed; placed again with {TRIAL_BACKOFF // MIB} MiB "
+                       f"more GPU memory held back")
+        return p
+    note = f"trial run: the process took {measured / MIB:.0f} MiB of GPU memory beyond llama.cpp's buffers " \
+           f"({factors.gpu_overhead_bytes / MIB:.0f} MiB assumed)"
+    if measured >= factors.gpu_overhead_bytes:
+        first.notes.append(note)
+        return first
+    second = _place(inv, device, replace(factors, gpu_overhead_bytes=measured), settings, engine, model, stats)
+    if second.tensors == first.tensors:
+        first.notes.append(note + "; no further tensor fits")
+        return first
+    if overhead(second) is None:
+        first.notes.append(note + "; the tighter placement did not run, the first one is kept")
+        return first
+    second.memory_source += " and a trial run"
+    second.notes.append(note + "; placed again with the measured overhead, and that placement ran")
+    return second
 
 
 def _check_rules(rules: list[str], where: dict[str, str], cx: _Context) -> None:
@@ -530,6 +605,9 @@ def summary_lines(p: Placement) -> list[str]:
         lines.append(f"  {u.where.upper():<4} {_gb(u.total)} of {_gb(u.capacity)}: weights {_gb(u.weights)}, "
                      f"KV {_gb(u.kv)}, compute {_gb(u.compute)}, overhead {_gb(u.overhead)}, margin {_gb(u.margin)}")
     lines.append(f"  memory from {p.memory_source}; speed factors from {p.factors_source}")
+    if p.load_mode != "auto":
+        lines.append(f"  --load-mode {p.load_mode}: host-memory weights in llama.cpp's own buffers (measured faster here)")
+    lines += [f"  note: {n}" for n in p.notes]
     pe, pf = p.predicted_empty, p.predicted
     lines.append(f"  predicted: prompt {pe.prompt_tps:,.0f} tok/s ({pe.n_prompt}-token prompt), generation "
                  f"{pe.decode_tps:,.1f} tok/s (empty context), {pf.decode_tps:,.1f} tok/s at {pf.depth} tokens")

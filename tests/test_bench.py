@@ -14,7 +14,7 @@ from conftest import run_cli
 def measured(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     history = work / "history.jsonl"
-    result = run_cli("bench", "--device", "cpu", "--runs", "3", "-t", "2", "--history", str(history), "--json",
+    result = run_cli("bench", "--device", "cpu", "--runs", "3", "-t", "2", "--min-round-s", "0.5", "--history", str(history), "--json",
                      check=True, timeout=600)
     return {"work": work, "history": history, "result": json.loads(result.stdout), "path": work / "result.json",
             "stdout": result.stdout}
@@ -44,13 +44,13 @@ def test_regression_check_fails_against_a_baseline_twice_as_fast(measured, tmp_p
     for c in fast["contenders"].values():
         c["tg"]["median"] *= 2
     (tmp_path / "fast.json").write_text(json.dumps(fast))
-    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--no-history", "--baseline", str(tmp_path / "fast.json"),
+    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--min-round-s", "0.3", "--no-history", "--baseline", str(tmp_path / "fast.json"),
                      "--max-regression", "20")
     assert result.returncode == 6
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ccmoe-run: error: tokens/s regressed") and "tg" in last and "limit -20 %" in last
     # the history file itself is a valid baseline; a generous limit passes
-    ok = run_cli("bench", "--device", "cpu", "--runs", "3", "--no-history", "--baseline", str(measured["history"]),
+    ok = run_cli("bench", "--device", "cpu", "--runs", "3", "--min-round-s", "0.3", "--no-history", "--baseline", str(measured["history"]),
                  "--max-regression", "95")
     assert ok.returncode == 0, ok.stderr
 

@@ -207,3 +207,32 @@ def test_place_command_writes_a_versioned_artifact(q4_model, tmp_path):
     assert as_json["tensors"] == doc["tensors"]
     bad = run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "10000000")
     assert bad.returncode == EXIT_RESOURCE and "does not fit" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tmp_path):
+    """Calibration's load mode and thread count for host-memory experts reach every tool's flags, and llama-bench
+    and llama-fit-params accept them; a placement that is all on the GPU keeps llama.cpp's defaults."""
+    from ccmoe_runtime.bench import llama_bench
+    from ccmoe_runtime.engine import find_engine
+
+    inv = read_gguf(q4_model)
+    small, big = _gpu_profile(tmp_path, 0.18, "small"), _gpu_profile(tmp_path, 8.0, "big")
+    f = _factors(small)
+    f.cpu_load_mode, f.cpu_threads = "none", 1
+    hybrid = P.place(inv, small, f, _settings())
+    assert hybrid.has_host_weights and hybrid.load_mode == "none" and hybrid.threads == 1
+    for args in (hybrid.bench_args(), hybrid.server_args(), hybrid.common_args()):
+        assert args[args.index("-lm") + 1] == "none"
+    assert any("--load-mode none" in line for line in P.summary_lines(hybrid))
+    whole = P.place(inv, big, f, _settings())
+    assert not whole.has_host_weights and whole.load_mode == "auto" and "-lm" not in whole.bench_args()
+    assert whole.threads == 2                                   # the profile's count: nothing runs from host memory
+    engine = find_engine("cpu")
+    r = llama_bench(engine, q4_model, hybrid.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)
+    assert r["ok"], r.get("error")
+    assert len(r["tg"]) == 1 and r["tg"][0] > 0 and r["peak_rss_bytes"] > inv_bytes(inv) // 2
+    assert P.fit_print(engine, q4_model, ["-c", "256", *hybrid.common_args()]) is not None
+
+
+def inv_bytes(inv) -> int:
+    return sum(t.n_bytes for t in inv.tensors)
