@@ -99,7 +99,7 @@ def ccmoe_placement(engine, model: Path, work: Path, host_profile: Path, extra_m
     factors = load_factors(device, host_profile)
     inv = read_gguf(model)
     settings = Settings(ctx=N_PROMPT, parallel=1, kv_type="f16", depth=N_GEN // 2, n_prompt=N_PROMPT,
-                        margin_bytes=DEFAULT_MARGIN + extra_margin)
+                        margin_bytes=DEFAULT_MARGIN + extra_margin if extra_margin else None)
     p = place(inv, device, factors, settings, engine, model, trial=True)
     save_placement(p, work / f"{name}.json")
     lines = summary_lines(p)

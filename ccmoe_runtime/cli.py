@@ -583,8 +583,10 @@ def report(history, placement, out) -> None:
 
 # ---------------------------------------------------------------- serve
 
-def _placement_for(eng, path: Path, profile, settings, stats_file: Path | None, host_profile: Path | None):
-    """The placement of `path` on `profile` (memory measured with the engine's dry run when it can)."""
+def _placement_for(eng, path: Path, profile, settings, stats_file: Path | None, host_profile: Path | None,
+                   trial: bool = False):
+    """The placement of `path` on `profile` (memory measured with the engine's dry run when it can, and with a
+    trial run on CUDA when `trial`)."""
     from .artifacts import load_artifact
     from .costmodel import load_factors
     from .inventory import read_gguf, require_moe, summarize
@@ -595,7 +597,7 @@ def _placement_for(eng, path: Path, profile, settings, stats_file: Path | None, 
     require_moe(summarize(inv), str(path))
     stats = load_artifact(stats_file, "expert-stats", EXPERT_STATS_VERSION) if stats_file else None
     factors = load_factors(profile, host_profile)
-    return inv, factors, stats, place(inv, profile, factors, settings, eng, path, stats)
+    return inv, factors, stats, place(inv, profile, factors, settings, eng, path, stats, trial=trial)
 
 
 def _placement_options(f):
@@ -607,6 +609,9 @@ def _placement_options(f):
                      help="Expert statistics from `ccmoe-run profile` (default: uniform expert use, k/E)."),
         click.option("--host-profile", type=click.Path(path_type=Path), default=None,
                      help="Calibration from `ccmoe-run calibrate` (default: this host's, if calibrated)."),
+        click.option("--trial/--no-trial", default=True, show_default=True,
+                     help="CUDA, weights partly in host memory: measure the GPU memory of one short run of the "
+                          "placement and place again with it (a few seconds; not with --dry-run)."),
     ]):
         f = opt(f)
     return f
@@ -631,13 +636,13 @@ def _quote(args: list[str]) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the llama-server command line, predicted memory and speed; exit.")
 @click.option("--warmup/--no-warmup", default=True, help="Send one streamed chat request and report tokens/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ready message as JSON.")
-def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file, host_profile, llama_cpp_dir, dry_run,
-          warmup, as_json) -> None:
+def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file, host_profile, trial, llama_cpp_dir,
+          dry_run, warmup, as_json) -> None:
     """Start llama-server with an OpenAI-compatible API on MODEL, placed for DEVICE; Ctrl-C stops it."""
     from .devices import get_profile
     from .engine import find_engine
     from .placement import Settings, summary_lines
-    from .serve import LlamaServer, ServerConfig, environment_threads, serve_forever, server_command
+    from .serve import LlamaServer, ServerConfig, serve_forever, server_command
     from .sources import resolve_model_path
 
     profile = get_profile(device)
@@ -645,10 +650,11 @@ def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file
     path = resolve_model_path(model)
     if ctx < 16 or parallel < 1:
         raise CcmoeError("--ctx must be at least 16 and --parallel at least 1", "fix the values")
-    threads = min(profile.threads, environment_threads())
-    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, threads=threads)
-    inv, factors, stats, placement = _placement_for(eng, path, profile, settings, stats_file, host_profile)
-    cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, api_key=api_key,
+    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type)
+    inv, factors, stats, placement = _placement_for(eng, path, profile, settings, stats_file, host_profile,
+                                                    trial and not dry_run)
+    cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=placement.threads,
+                       api_key=api_key,
                        extra_args=placement.server_args())
     if dry_run:
         if as_json:
@@ -738,18 +744,19 @@ def _echo_ready(data: dict, placement, warmup: bool) -> None:
 @click.option("--ctx", type=int, default=4096, show_default=True, help="Context length per slot.")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Concurrent request slots.")
 @_placement_options
-@click.option("--ubatch", type=int, default=512, show_default=True, help="Physical batch (-ub).")
-@click.option("--margin-mb", type=int, default=256, show_default=True, help="Free memory left in each pool.")
+@click.option("--ubatch", type=int, default=None,
+              help="Physical batch (-ub; default 512, or 256 when that leaves GPU room for more weights).")
+@click.option("--margin-mb", type=int, default=None,
+              help="Free memory left in each pool (default 256, 128 after a trial run).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Save the placement artifact (JSON).")
 @click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
 @click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
-def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, ubatch, margin_mb, out, llama_cpp_dir,
-          as_json) -> None:
+def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, trial, ubatch, margin_mb, out,
+          llama_cpp_dir, as_json) -> None:
     """Choose where each tensor of MODEL lives on DEVICE (GPU or CPU memory) and predict the speed."""
     from .devices import get_profile
     from .engine import find_engine
     from .placement import MIB, Settings, save_placement, summary_lines
-    from .serve import environment_threads
     from .sources import resolve_model_path
 
     profile = get_profile(device)
@@ -758,9 +765,9 @@ def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, ubatc
     except CcmoeError:
         eng = None
     path = resolve_model_path(model)
-    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, ubatch=ubatch, margin_bytes=margin_mb * MIB,
-                        threads=min(profile.threads, environment_threads()))
-    placement = _placement_for(eng, path, profile, settings, stats_file, host_profile)[3]
+    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, ubatch=ubatch or 512, ubatch_auto=ubatch is None,
+                        margin_bytes=None if margin_mb is None else margin_mb * MIB)
+    placement = _placement_for(eng, path, profile, settings, stats_file, host_profile, trial)[3]
     if out:
         save_placement(placement, out)
     if as_json:

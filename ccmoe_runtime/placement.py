@@ -24,6 +24,8 @@ PLACEMENT_VERSION = 1
 PLACEMENT_KIND = "placement"
 MAX_OVERRIDES = 4096                 # llama.cpp's limit on tensor buffer overrides
 DEFAULT_MARGIN = 256 * MIB           # free memory left in each pool beyond the measured needs
+TRIAL_MARGIN = 128 * MIB             # ... once a trial run has measured what the process really takes (CUDA)
+UBATCH_MIN_GAIN = 1.01               # a halved -ub only when the memory it frees buys at least 1% decode speed
 KV_Q8_MIN_GAIN = 1.05                # q8_0 KV only when it buys at least 5% decode speed at the planned context
 _ORDER_IN_LAYER = ("ffn_down", "ffn_up", "ffn_gate")   # a partial layer keeps these on the GPU first
 
@@ -38,7 +40,8 @@ class Settings:
     batch: int = 2048
     ubatch: int = 512
     threads: int | None = None
-    margin_bytes: int = DEFAULT_MARGIN
+    margin_bytes: int | None = None  # None: DEFAULT_MARGIN, TRIAL_MARGIN after a trial run
+    ubatch_auto: bool = True         # may halve -ub when weights stay in host memory and that frees GPU room
     depth: int | None = None         # context depth the decode prediction is for (default: ctx)
     n_prompt: int = 512
 
@@ -369,7 +372,8 @@ def _memory(cx: _Context, where: dict[str, str], kv_type: str, measured: dict | 
     """Bytes per pool: the placed weights, KV cache and compute buffers (measured when llama.cpp told us)."""
     s = cx.settings
     kv = int(kv_bytes_per_token(cx.inv, KV_TYPES[kv_type]) * s.ctx * s.parallel)
-    use = {p: PoolUse(p, caps.get(p, 0), margin=s.margin_bytes) for p in {"cpu", cx.main}}
+    margin = DEFAULT_MARGIN if s.margin_bytes is None else s.margin_bytes
+    use = {p: PoolUse(p, caps.get(p, 0), margin=margin) for p in {"cpu", cx.main}}
     for ld in cx.loads:
         use[where[ld.name]].weights += ld.n_bytes
     use[cx.main].kv = kv
@@ -447,6 +451,23 @@ def place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings
 
 def _place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
            engine: Engine | None, model: Path | None, stats: dict | None) -> Placement:
+    """The placement at the asked -ub and, when weights stay in host memory, at half of it: a smaller compute
+    buffer can leave room for one more tensor on the GPU (decode speed bought with some prompt speed)."""
+    first = _place_at(inv, device, factors, settings, engine, model, stats)
+    if not (settings.ubatch_auto and first.has_host_weights and settings.ubatch >= 128):
+        return first
+    half = replace(settings, ubatch=settings.ubatch // 2)
+    second = _place_at(inv, device, factors, half, engine, model, stats)
+    if second.predicted_empty.decode_tps >= first.predicted_empty.decode_tps * UBATCH_MIN_GAIN:
+        second.notes.append(f"-ub {half.ubatch}: its smaller compute buffer leaves room for more weights on the GPU "
+                            f"(predicted decode {second.predicted_empty.decode_tps:.1f} vs "
+                            f"{first.predicted_empty.decode_tps:.1f} tok/s at -ub {settings.ubatch})")
+        return second
+    return first
+
+
+def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
+              engine: Engine | None, model: Path | None, stats: dict | None) -> Placement:
     s = summarize(inv)
     if settings.depth is None:                    # a slot never holds more than the model was trained for
         ctx_train = int(inv.key("context_length", 0) or 0)
@@ -516,10 +537,11 @@ def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, 
         return p
     note = f"trial run: the process took {measured / MIB:.0f} MiB of GPU memory beyond llama.cpp's buffers " \
            f"({factors.gpu_overhead_bytes / MIB:.0f} MiB assumed)"
-    if measured >= factors.gpu_overhead_bytes:
+    tighter = settings if settings.margin_bytes is not None else replace(settings, margin_bytes=TRIAL_MARGIN)
+    if measured >= factors.gpu_overhead_bytes and tighter is settings:
         first.notes.append(note)
         return first
-    second = _place(inv, device, replace(factors, gpu_overhead_bytes=measured), settings, engine, model, stats)
+    second = _place(inv, device, replace(factors, gpu_overhead_bytes=measured), tighter, engine, model, stats)
     if second.tensors == first.tensors:
         first.notes.append(note + "; no further tensor fits")
         return first
@@ -527,7 +549,8 @@ def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, 
         first.notes.append(note + "; the tighter placement did not run, the first one is kept")
         return first
     second.memory_source += " and a trial run"
-    second.notes.append(note + "; placed again with the measured overhead, and that placement ran")
+    margin = f" and a {TRIAL_MARGIN // MIB} MiB margin" if tighter is not settings else ""
+    second.notes.append(note + f"; placed again with the measured overhead{margin}, and that placement ran")
     return second
 
 

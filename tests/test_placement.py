@@ -236,3 +236,52 @@ def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tm
 
 def inv_bytes(inv) -> int:
     return sum(t.n_bytes for t in inv.tensors)
+
+
+def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model, tmp_path):
+    inv = read_gguf(q4_model)
+    device = _gpu_profile(tmp_path, 0.18)
+    fixed = P.place(inv, device, _factors(device), P.Settings(ctx=1024, kv_type="f16", margin_bytes=8 * MIB,
+                                                              ubatch_auto=False))
+    auto = P.place(inv, device, _factors(device), _settings())
+    assert fixed.settings.ubatch == 512 and "-ub" in fixed.bench_args()
+    if auto.settings.ubatch == 256:
+        assert auto.predicted_empty.decode_tps >= fixed.predicted_empty.decode_tps * P.UBATCH_MIN_GAIN
+        assert auto.memory["gpu"].weights > fixed.memory["gpu"].weights and any("-ub 256" in n for n in auto.notes)
+        assert auto.bench_args()[auto.bench_args().index("-ub") + 1] == "256"
+    else:
+        assert auto.tensors == fixed.tensors
+    big = P.place(inv, _gpu_profile(tmp_path, 8.0, "big"), _factors(device), _settings())
+    assert big.settings.ubatch == 512                           # nothing in host memory: llama.cpp's default
+
+
+# GPU memory beyond llama.cpp's buffers that a trial run measured on the H100 (benchmarks/results/placement-h100.log)
+H100_TRIAL_OVERHEAD = 700 * MIB
+
+
+def test_a_trial_run_replaces_the_assumed_overhead_and_keeps_only_placements_that_ran(q4_model, tmp_path, monkeypatch):
+    import ccmoe_runtime.calibrate as C
+    from ccmoe_runtime.engine import find_engine
+
+    inv = read_gguf(q4_model)
+    device = _gpu_profile(tmp_path, 1.43)                           # overhead and margin leave 0.11 GB at first
+    f = _factors(device)
+    f.gpu_overhead_bytes = H100_TRIAL_OVERHEAD + 300 * MIB          # calibrated on a tiny model: too cautious
+    settings = P.Settings(ctx=1024, kv_type="f16")
+    first = P.place(inv, device, f, settings)
+    ran = {"n": 0, "second_runs": True}
+
+    def replay(engine, model, bench_args, fit_args, **kw):
+        ran["n"] += 1
+        return H100_TRIAL_OVERHEAD if ran["n"] == 1 or ran["second_runs"] else None
+
+    monkeypatch.setattr(C, "run_overhead", replay)
+    engine = find_engine("cpu")
+    tuned = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
+    assert ran["n"] == 2 and "trial run" in tuned.memory_source
+    assert tuned.memory["gpu"].weights > first.memory["gpu"].weights
+    assert tuned.memory["gpu"].overhead == H100_TRIAL_OVERHEAD and tuned.memory["gpu"].margin == P.TRIAL_MARGIN
+    assert tuned.predicted_empty.decode_tps > first.predicted_empty.decode_tps
+    ran.update(n=0, second_runs=False)
+    kept = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
+    assert kept.tensors == first.tensors and "did not run" in kept.notes[-1]
