@@ -92,6 +92,19 @@ def llama_bench(engine: Engine, model: Path, args: list[str], reps: int = 1, n_p
     return result
 
 
+def host_speed(loops: int = 40_000, tries: int = 5) -> float:
+    """Iterations per second of a fixed pure-Python loop, best of `tries` (about 25 ms in all): this machine's own
+    speed at that moment, measured without llama.cpp and with the same best-of estimator as the rounds, to tell a
+    noisy machine from a noisy engine."""
+    best = 0.0
+    for _ in range(tries):
+        started, x = time.perf_counter(), 0
+        for i in range(loops):
+            x += i * i
+        best = max(best, loops / (time.perf_counter() - started))
+    return best
+
+
 def reps_for(warm: dict, min_round_s: float) -> int:
     """Repetitions per round: enough for `min_round_s` seconds of measured work, and at least MIN_REPS unless
     that makes a round last over a minute (a huge model)."""
@@ -176,10 +189,12 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
         samples[name]["rss"].append(warm["peak_rss_bytes"])
         say(f"warm-up {name}: pp {statistics.median(warm['pp']):.1f} tg {statistics.median(warm['tg']):.1f} tok/s; "
             f"{reps[name]} repetitions per round")
+    machine = []
     for i in range(runs):
         for name, c in found.items():
             if name in errors:
                 continue
+            machine.append(host_speed())
             r = llama_bench(engine, model, c["args"], reps=reps[name])
             if not r["ok"]:
                 errors[name] = r["error"]
@@ -205,7 +220,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
         result[name] = entry
     return {"version": BENCH_VERSION, "model": str(model), "model_hash": quick_hash(model), "device": device.name,
             "backend": device.backend, "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,
-            "min_round_s": min_round_s, "notes": found["ccmoe"].get("notes", []), "n_prompt": N_PROMPT, "n_gen": N_GEN, "contenders": result}
+            "min_round_s": min_round_s, "notes": found["ccmoe"].get("notes", []),
+            "host_speed": spread(machine) if machine else None, "n_prompt": N_PROMPT, "n_gen": N_GEN, "contenders": result}
 
 
 def regressions(current: dict, baseline: dict, max_regression_pct: float) -> list[str]:

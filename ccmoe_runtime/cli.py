@@ -517,6 +517,10 @@ def bench(device, model, runs, threads, history, no_history, baseline, max_regre
                 line += (f"   predicted pp {c['predicted']['pp']:,.1f} tg {c['predicted']['tg']:,.1f}; "
                          f"{c['bandwidth_share']:.0%} of the bandwidth limit")
             click.echo(line)
+        machine = result.get("host_speed")
+        if machine and machine["spread"] and machine["spread"] > 0.1:
+            click.echo(f"  note: this machine's own speed (a fixed CPU loop, no llama.cpp) varied {machine['spread']:.0%} "
+                       f"between rounds; tokens/s spreads of that size are the machine's, not the engine's")
     if fell:
         click.echo(f"ccmoe-run: error: tokens/s regressed against {baseline}: " + "; ".join(fell), err=True)
         sys.exit(EXIT_REGRESSION)

@@ -26,6 +26,7 @@ MAX_OVERRIDES = 4096                 # llama.cpp's limit on tensor buffer overri
 DEFAULT_MARGIN = 256 * MIB           # free memory left in each pool beyond the measured needs
 TRIAL_MARGIN = 128 * MIB             # ... once a trial run has measured what the process really takes (CUDA)
 UBATCH_MIN_GAIN = 1.01               # a halved -ub only when the memory it frees buys at least 1% decode speed
+UBATCH_MIN_PROMPT = 0.75             # ... and keeps at least 75% of the predicted prompt speed
 KV_Q8_MIN_GAIN = 1.05                # q8_0 KV only when it buys at least 5% decode speed at the planned context
 _ORDER_IN_LAYER = ("ffn_down", "ffn_up", "ffn_gate")   # a partial layer keeps these on the GPU first
 
@@ -458,10 +459,11 @@ def _place(inv: ModelInventory, device: DeviceProfile, factors: Factors, setting
         return first
     half = replace(settings, ubatch=settings.ubatch // 2)
     second = _place_at(inv, device, factors, half, engine, model, stats)
-    if second.predicted_empty.decode_tps >= first.predicted_empty.decode_tps * UBATCH_MIN_GAIN:
+    a, b = first.predicted_empty, second.predicted_empty
+    if b.decode_tps >= a.decode_tps * UBATCH_MIN_GAIN and b.prompt_tps >= a.prompt_tps * UBATCH_MIN_PROMPT:
         second.notes.append(f"-ub {half.ubatch}: its smaller compute buffer leaves room for more weights on the GPU "
-                            f"(predicted decode {second.predicted_empty.decode_tps:.1f} vs "
-                            f"{first.predicted_empty.decode_tps:.1f} tok/s at -ub {settings.ubatch})")
+                            f"(predicted decode {b.decode_tps:.1f} vs {a.decode_tps:.1f} tok/s, prompt "
+                            f"{b.prompt_tps:,.0f} vs {a.prompt_tps:,.0f} tok/s at -ub {settings.ubatch})")
         return second
     return first
 

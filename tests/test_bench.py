@@ -28,6 +28,8 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
             assert len(c[key]["samples"]) == 3 and c[key]["min"] <= c[key]["median"] <= c[key]["max"]
             assert c[key]["median"] > 100                                  # tokens/s of an 8M-parameter model
         assert 10e6 < c["peak_rss_bytes"] < 2e9
+        assert 1 <= c["reps_per_round"] <= 100 and c["round_medians"]["tg"]["median"] <= c["tg"]["median"]
+    assert r["host_speed"]["median"] > 1e5 and len(r["host_speed"]["samples"]) == 6    # 3 rounds x 2 contenders
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()

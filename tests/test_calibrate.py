@@ -72,3 +72,24 @@ def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundl
     assert f"speed factors from measured ({out})" in placed.stdout
     bad = run_cli("calibrate", "--types", "q3_k", "-o", str(tmp_path / "x.json"))
     assert bad.returncode == 2 and "cannot calibrate type" in bad.stderr
+
+
+# Experts on the CPU of the H100 host, medium models, tokens/s (benchmarks/results/placement-h100-*host-profile.json):
+# llama.cpp's default mmap vs --load-mode none (its own pinned buffers), 16 threads, two calibrations.
+H100_SPLIT = {("auto", 16): {"medium-q8_0": (300.41, 3266.79), "medium-q4_0": (240.11, 13372.8)},
+              ("none", 16): {"medium-q8_0": (279.98, 15566.9), "medium-q4_0": (210.65, 33458.9)}}
+
+
+def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_speed():
+    from ccmoe_runtime.calibrate import pick_cpu_settings
+
+    def times(runs: dict) -> dict:
+        return {(role, kind): 1.0 / tps for role, (tg, pp) in runs.items() for kind, tps in (("tg", tg), ("pp", pp))}
+
+    tried = {k: times(v) for k, v in H100_SPLIT.items()}
+    assert pick_cpu_settings(tried) == ("auto", 16)           # decode 12% faster memory-mapped: decode wins
+    close = dict(tried)
+    close[("none", 16)] = times({r: (tg * 1.08, pp) for r, (tg, pp) in H100_SPLIT[("none", 16)].items()})
+    assert pick_cpu_settings(close) == ("none", 16)           # within 5%: pinned buffers' 2.5-5x prompt speed wins
+    close[("auto", 8)] = times({r: (tg * 0.7, pp * 2) for r, (tg, pp) in H100_SPLIT[("auto", 16)].items()})
+    assert pick_cpu_settings(close) == ("none", 16)           # a much slower decode never wins on prompts

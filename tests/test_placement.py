@@ -247,6 +247,7 @@ def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model
     assert fixed.settings.ubatch == 512 and "-ub" in fixed.bench_args()
     if auto.settings.ubatch == 256:
         assert auto.predicted_empty.decode_tps >= fixed.predicted_empty.decode_tps * P.UBATCH_MIN_GAIN
+        assert auto.predicted_empty.prompt_tps >= fixed.predicted_empty.prompt_tps * P.UBATCH_MIN_PROMPT
         assert auto.memory["gpu"].weights > fixed.memory["gpu"].weights and any("-ub 256" in n for n in auto.notes)
         assert auto.bench_args()[auto.bench_args().index("-ub") + 1] == "256"
     else:
