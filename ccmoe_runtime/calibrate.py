@@ -231,16 +231,14 @@ def run_overhead(engine: Engine, model: Path, bench_args: list[str], fit_args: l
     gpu = next((v for k, v in (est or {}).items() if k != "Host"), None)
     if gpu is None:
         return None
-    cmd = [str(engine.tool("llama-bench")), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
-           "-o", "json", *bench_args]
+    from .bench import llama_bench
+
     probe = GpuPeak()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        ran = llama_bench(engine, model, bench_args, reps=1, n_prompt=n_prompt, n_gen=n_gen)
     finally:
         used = probe.stop()
-    if out.returncode != 0:
-        return None
-    return max(used - sum(gpu.values()), 0)
+    return max(used - sum(gpu.values()), 0) if ran["ok"] else None
 
 
 def gpu_overhead(engine: Engine, tiny: CalModel, threads: int | None) -> int | None:
