@@ -94,12 +94,13 @@ class Placement:
         args = self.common_args()
         return args[:2] + ["--fit", "off"] + args[2:]
 
-    def common_args(self) -> list[str]:
-        """The placement's flags as every llama.cpp tool but llama-bench spells them (no context, no threads)."""
+    def common_args(self, rule_separator: str = ",") -> list[str]:
+        """The placement's flags as every llama.cpp tool spells them (no context, no threads); llama-bench
+        separates -ot rules with ';' instead of ','."""
         args = ["-ngl", str(self.n_gpu_layers), "-fa", self.flash_attn,
                 "-b", str(self.settings.batch), "-ub", str(self.settings.ubatch)]
         if self.overrides:
-            args += ["-ot", ",".join(self.overrides)]
+            args += ["-ot", rule_separator.join(self.overrides)]
         if self.kv_type != "f16":
             args += ["-ctk", self.kv_type, "-ctv", self.kv_type]
         if self.load_mode != "auto":
@@ -112,16 +113,8 @@ class Placement:
         return ["-c", str(s.ctx * s.parallel), "-np", str(s.parallel), "-t", str(self.threads), *self.server_args()]
 
     def bench_args(self) -> list[str]:
-        """The same placement as llama-bench flags (its -ot separates rules with ';')."""
-        args = ["-ngl", str(self.n_gpu_layers), "-fa", self.flash_attn, "-b", str(self.settings.batch),
-                "-ub", str(self.settings.ubatch)]
-        if self.overrides:
-            args += ["-ot", ";".join(self.overrides)]
-        if self.kv_type != "f16":
-            args += ["-ctk", self.kv_type, "-ctv", self.kv_type]
-        if self.load_mode != "auto":
-            args += ["-lm", self.load_mode]
-        return args
+        """The same placement as llama-bench flags."""
+        return self.common_args(rule_separator=";")
 
     @property
     def has_host_weights(self) -> bool:
