@@ -4,6 +4,8 @@
 # Run from the repository root on the device machine; results in $OUT (bench JSON, history, log).
 # MODELS picks what is benched (default "bundled 10b"; "30b" is the Qwen3-30B-A3B-shaped model of
 # gpu_placement.sh, i.e. issue 4's comparison with alternating rounds); MIN_ROUND_S passes --min-round-s.
+# A call is limited to 600 s: PREPARE_ONLY=1 stops after the build, the models and calibration, so that a second
+# call on the still-warm machine (within 30 s) spends its time on the bench alone.
 source benchmarks/gpu_common.sh
 gpu_log gpu_bench.log
 gpu_setup
@@ -27,6 +29,7 @@ else
   say "calibrating"
   python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
 fi
+[ -n "${PREPARE_ONLY:-}" ] && { say "prepared (engine, models, host profile); PREPARE_ONLY set, no bench"; exit 0; }
 for m in $MODELS; do
   case $m in 10b|30b) m="$W/qwen3moe-$m-q8_0.gguf" ;; esac
   name=$(basename "$m" .gguf)

@@ -517,6 +517,8 @@ def bench(device, model, runs, threads, history, no_history, baseline, max_regre
                 line += (f"   predicted pp {c['predicted']['pp']:,.1f} tg {c['predicted']['tg']:,.1f}; "
                          f"{c['bandwidth_share']:.0%} of the bandwidth limit")
             click.echo(line)
+        for note in result.get("notes", []):
+            click.echo(f"  ccmoe placement: {note}")
         machine = result.get("host_speed")
         if machine and machine["spread"] and machine["spread"] > 0.1:
             click.echo(f"  note: this machine's own speed (a fixed CPU loop, no llama.cpp) varied {machine['spread']:.0%} "
