@@ -249,8 +249,9 @@ def gpu_overhead(engine: Engine, tiny: CalModel, threads: int | None) -> int | N
 
 def cpu_candidates(threads: int) -> list[tuple[str, int]]:
     """(llama.cpp load mode, threads) tried for expert weights in host memory next to a GPU: memory-mapped
-    (llama.cpp's default) or loaded into its own (pinned) host buffers, at `threads` and at half as many."""
-    counts = [threads] + ([threads // 2] if threads >= 8 else [])
+    (llama.cpp's default) or loaded into its own (pinned) host buffers, at `threads`, three quarters and half as
+    many (the thread that drives the GPU, and hyperthreads, can make fewer threads faster)."""
+    counts = [threads] + sorted({threads * 3 // 4, threads // 2} - {threads}, reverse=True) if threads >= 8 else [threads]
     return [(mode, n) for n in counts for mode in ("auto", "none")]
 
 
