@@ -237,7 +237,16 @@ def regressions(current: dict, baseline: dict, max_regression_pct: float) -> lis
             if change < -max_regression_pct:
                 lines.append(f"{name} {key}: {now:.1f} tok/s vs baseline {was:.1f} ({change:+.1f} %, limit "
                              f"-{max_regression_pct:g} %)")
+    machine = machine_change(current, baseline)
+    if lines and machine is not None and abs(machine) >= 5:
+        lines.append(f"this machine's own speed (a fixed CPU loop) changed {machine:+.0f} % since the baseline")
     return lines
+
+
+def machine_change(current: dict, baseline: dict) -> float | None:
+    """Percent change of the machine's own speed (host_speed medians) from the baseline to now, when both have it."""
+    was, now = (baseline.get("host_speed") or {}).get("median"), (current.get("host_speed") or {}).get("median")
+    return (now - was) / was * 100 if was and now else None
 
 
 def load_baseline(path: Path) -> dict:

@@ -45,12 +45,14 @@ def test_regression_check_fails_against_a_baseline_twice_as_fast(measured, tmp_p
     fast = json.loads(json.dumps(measured["result"]))
     for c in fast["contenders"].values():
         c["tg"]["median"] *= 2
+    fast["host_speed"]["median"] *= 3          # recorded on a machine three times as fast: the report says so
     (tmp_path / "fast.json").write_text(json.dumps(fast))
     result = run_cli("bench", "--device", "cpu", "--runs", "1", "--min-round-s", "0.3", "--no-history", "--baseline", str(tmp_path / "fast.json"),
                      "--max-regression", "20")
     assert result.returncode == 6
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ccmoe-run: error: tokens/s regressed") and "tg" in last and "limit -20 %" in last
+    assert "this machine's own speed (a fixed CPU loop) changed -" in last
     # the history file itself is a valid baseline; a generous limit passes
     ok = run_cli("bench", "--device", "cpu", "--runs", "3", "--min-round-s", "0.3", "--no-history", "--baseline", str(measured["history"]),
                  "--max-regression", "95")
