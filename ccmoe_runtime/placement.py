@@ -491,7 +491,7 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
                          EXIT_RESOURCE)
     rules, _ = _llama_args(cx, where, kv_type)
     _check_rules(rules, where, cx)
-    hybrid = cx.main == "gpu" and bool(rules)
+    hybrid = bool(rules)                          # -ot rules exist only for host-memory weights next to a GPU
     return Placement(model=inv.source, device=device.name, backend=device.backend, settings=settings, kv_type=kv_type,
                      flash_attn=_flash(device, kv_type), n_gpu_layers=999 if cx.main == "gpu" else 0,
                      threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
@@ -624,7 +624,7 @@ def summary_lines(p: Placement) -> list[str]:
                      f"KV {_gb(u.kv)}, compute {_gb(u.compute)}, overhead {_gb(u.overhead)}, margin {_gb(u.margin)}")
     lines.append(f"  memory from {p.memory_source}; speed factors from {p.factors_source}")
     if p.load_mode != "auto":
-        lines.append(f"  --load-mode {p.load_mode}: host-memory weights in llama.cpp's own buffers (measured faster here)")
+        lines.append(f"  --load-mode {p.load_mode}: host-memory weights in llama.cpp's own buffers (chosen by calibration)")
     lines += [f"  note: {n}" for n in p.notes]
     pe, pf = p.predicted_empty, p.predicted
     lines.append(f"  predicted: prompt {pe.prompt_tps:,.0f} tok/s ({pe.n_prompt}-token prompt), generation "
