@@ -14,6 +14,7 @@ gpu_log() {          # everything the job prints also goes to $OUT/$1
 }
 gpu_setup() {
   say "host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM; $(nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv,noheader)"
+  say "cpu: $(lscpu | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)|NUMA node[0-9] CPU)' | sed 's/  */ /g' | tr '\n' ';')"
   if [ ! -d /tmp/site/gguf ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/gguf-0.19.0-py3-none-any.whl || exit 1
   fi
