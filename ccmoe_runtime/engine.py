@@ -243,7 +243,7 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
     source = ensure_vendor()
     key = engine_key(source.commit, backend, flags)
     published = cache_root() / "engines" / key
-    if (published / "engine.json").is_file():
+    if reusable(published):
         return load_engine_dir(published)
     if not shutil.which("cmake"):
         raise CcmoeError("cmake is not installed", "install cmake (and a C++ compiler) to build the engine", EXIT_ENGINE)
@@ -252,7 +252,7 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
     lock = open(build_dir.with_suffix(".lock"), "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # another set-up building the same key: wait for it
     try:
-        if (published / "engine.json").is_file():
+        if reusable(published):
             return load_engine_dir(published)
         started = time.monotonic()
         env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(source.path.parent)}
@@ -267,6 +267,13 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
         return engine
     finally:
         lock.close()
+
+
+def reusable(published: Path) -> bool:
+    """A cached engine with every tool this version builds: one published by an older version that built fewer
+    tools (the key does not name them) is built again, incrementally where its build folder is still there."""
+    return (published / "engine.json").is_file() and all((published / "bin" / t).is_file()
+                                                          for t in TOOLS + OPTIONAL_TOOLS)
 
 
 def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str, flags: list[str],

@@ -37,6 +37,15 @@ def test_second_build_reuses_the_cache(engine):
     assert manifest.stat().st_mtime_ns == before   # nothing rebuilt or republished
 
 
+def test_cached_engine_missing_a_tool_is_built_again(engine, tmp_path):
+    assert E.reusable(engine.bin_dir.parent)
+    older = tmp_path / engine.key                  # as an older version published it: without llama-fit-params
+    shutil.copytree(engine.bin_dir.parent, older, symlinks=True)
+    (older / "bin" / "llama-fit-params").unlink()
+    assert not E.reusable(older)
+    assert not E.reusable(tmp_path / "nothing-here")
+
+
 def test_engine_has_every_tool_and_feature(engine):
     info = E.engine_summary(engine)
     assert all(info["tools"].values()), info["tools"]
