@@ -113,7 +113,8 @@ def reps_for(warm: dict, min_round_s: float) -> int:
     return max(floor, min(MAX_REPS, math.ceil(min_round_s / per_rep)))
 
 
-def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None) -> dict:
+def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None,
+               load_mode: str | None = None) -> dict:
     """Name -> llama-bench flags: ccmoe's placement and, on a GPU, llama.cpp's --fit, exps=CPU and all-on-GPU."""
     from .costmodel import load_factors
     from .inventory import read_gguf
@@ -124,7 +125,8 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
     base_threads = threads or min(device.threads, environment_threads())   # a profile's count may exceed this host's
     inv = read_gguf(model)
     p = place(inv, device, load_factors(device), Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2,
-                                                          n_prompt=N_PROMPT, threads=threads), engine, model,
+                                                          n_prompt=N_PROMPT, threads=threads, load_mode=load_mode),
+              engine, model,
               trial=device.backend == "cuda")
     cpu_layers = {int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n}
     found = {"ccmoe": {"args": p.bench_args() + ["-t", str(p.threads)], "predicted": p.predicted_empty.to_dict(),
@@ -157,7 +159,7 @@ def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, t
 
 
 def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
-              progress=None, min_round_s: float = MIN_ROUND_S) -> dict:
+              progress=None, min_round_s: float = MIN_ROUND_S, load_mode: str | None = None) -> dict:
     """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread.
 
     A warm-up round (not counted) times each contender and sets its repetitions per round, so that a round's
@@ -168,7 +170,7 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
     if runs < 1:
         raise CcmoeError(f"--runs {runs} is not a positive count", "pass --runs 3 or more", EXIT_USAGE)
     say = progress or (lambda _msg: None)
-    found = contenders(engine, model, device, threads)
+    found = contenders(engine, model, device, threads, load_mode)
     if device.backend != "cpu":
         s = summarize(read_gguf(model))
         start = found["ccmoe"]["cpu_expert_layers"]          # search llama.cpp's layer count from ccmoe's

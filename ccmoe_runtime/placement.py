@@ -45,6 +45,7 @@ class Settings:
     ubatch_auto: bool = True         # may halve -ub when weights stay in host memory and that frees GPU room
     depth: int | None = None         # context depth the decode prediction is for (default: ctx)
     n_prompt: int = 512
+    load_mode: str | None = None     # llama.cpp --load-mode; None: calibration's choice for host-memory weights
 
 
 @dataclass
@@ -496,7 +497,12 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
                      flash_attn=_flash(device, kv_type), n_gpu_layers=999 if cx.main == "gpu" else 0,
                      threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
                      predicted=pred, predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
-                     factors_source=factors.source, load_mode=factors.cpu_load_mode if hybrid else "auto")
+                     factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid))
+
+
+def _load_mode(settings: Settings, factors: Factors, hybrid: bool) -> str:
+    """The user's load mode, else the one calibration measured best for weights in host memory next to a GPU."""
+    return settings.load_mode or (factors.cpu_load_mode if hybrid else "auto")
 
 
 def _threads(settings: Settings, device: DeviceProfile, factors: Factors, hybrid: bool) -> int:
@@ -623,7 +629,9 @@ def summary_lines(p: Placement) -> list[str]:
         lines.append(f"  {u.where.upper():<4} {_gb(u.total)} of {_gb(u.capacity)}: weights {_gb(u.weights)}, "
                      f"KV {_gb(u.kv)}, compute {_gb(u.compute)}, overhead {_gb(u.overhead)}, margin {_gb(u.margin)}")
     lines.append(f"  memory from {p.memory_source}; speed factors from {p.factors_source}")
-    if p.load_mode != "auto":
+    if s.load_mode:
+        lines.append(f"  --load-mode {p.load_mode}: as asked")
+    elif p.load_mode != "auto":
         lines.append(f"  --load-mode {p.load_mode}: host-memory weights in llama.cpp's own buffers (chosen by calibration)")
     lines += [f"  note: {n}" for n in p.notes]
     pe, pf = p.predicted_empty, p.predicted
