@@ -6,8 +6,8 @@
 # gpu_placement.sh, i.e. issue 4's comparison with alternating rounds); MIN_ROUND_S passes --min-round-s.
 # A call is limited to 600 s: PREPARE_ONLY=1 stops after the build, the models and calibration, so that a second
 # call on the still-warm machine (within 30 s) spends its time on the bench alone. PREGEN names models to generate now
-# for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled). PIN_PROBE=1 adds a short llama-bench probe of the
-# bundled model: pp512 spread between processes unpinned and pinned to one CPU (taskset), to tell where it comes from.
+# for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled). PIN_PROBE=1 adds gpu_launch_probe (gpu_common.sh): the
+# bundled model's pp512 in separate processes at several thread counts and pinned, to tell where its spread comes from.
 source benchmarks/gpu_common.sh
 gpu_log gpu_bench.log
 gpu_setup
@@ -31,18 +31,7 @@ else
   say "calibrating"
   python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
 fi
-if [ -n "${PIN_PROBE:-}" ]; then
-  BENCH=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
-  BUNDLED=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())" 2>/dev/null)
-  say "pin probe on $BUNDLED: pp512, 5 processes each, best of 30 repetitions"
-  for how in unpinned "taskset -c 3" unpinned "taskset -c 11"; do
-    for _ in 1 2 3 4 5; do
-      if [ "$how" = unpinned ]; then cmd=(); else read -ra cmd <<< "$how"; fi
-      "${cmd[@]}" "$BENCH" -m "$BUNDLED" -ngl 999 -p 512 -n 0 -r 30 -o json 2>/dev/null \
-        | python3 -c 'import json,sys; print(max(json.load(sys.stdin)[0]["samples_ts"]))'
-    done | tr '\n' ' ' | sed "s/^/  $how: /"; echo
-  done
-fi
+[ -n "${PIN_PROBE:-}" ] && gpu_launch_probe
 [ -n "${PREPARE_ONLY:-}" ] && { say "prepared (engine, models, host profile); PREPARE_ONLY set, no bench"; exit 0; }
 for m in $MODELS; do
   case $m in 10b|30b) m="$W/qwen3moe-$m-q8_0.gguf" ;; esac

@@ -60,3 +60,24 @@ gpu_generated() {    # wait for every gpu_generate model
   GEN_PIDS=""
   ls -la "$W"/*.gguf
 }
+
+# The bundled model's pp512 on the GPU (best of 30 repetitions) in 5 separate processes per way of running it:
+# llama-bench's default threads, 8, 4 and 1 thread, and pinned to one CPU. Its pp512 lasts under 2 ms, so this is
+# the host launching kernels; the spread between processes of one way says which way is steady.
+gpu_launch_probe() {
+  local bench bundled how cmd
+  bench=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
+  bundled=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())")
+  say "launch probe on $bundled: pp512, 5 processes each way, best of 30 repetitions"
+  for how in "default" "-t 8" "-t 4" "-t 1" "taskset -c 3"; do
+    for _ in 1 2 3 4 5; do
+      case $how in
+        default) cmd=("$bench") ;;
+        taskset*) read -ra cmd <<< "$how"; cmd+=("$bench") ;;
+        *) read -ra cmd <<< "$bench $how" ;;
+      esac
+      "${cmd[@]}" -m "$bundled" -ngl 999 -p 512 -n 0 -r 30 -o json 2>/dev/null \
+        | python3 -c 'import json,sys; print(round(max(json.load(sys.stdin)[0]["samples_ts"])))'
+    done | tr '\n' ' ' | sed "s/^/  $how: /"; echo
+  done
+}
