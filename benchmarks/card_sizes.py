@@ -6,7 +6,9 @@ through one layer's worth of memory (e.g. 24077 down in steps of a quarter layer
 is sampled evenly instead of picked. At each size: hold the GPU memory (gpu_hold.py), place with ccmoe (trial run
 included), find the fewest --n-cpu-moe layers that load, then alternate the two for --rounds rounds of llama-bench
 (pp512, tg128; a round's sample is its best repetition). When ccmoe chose a load mode other than llama.cpp's mmap,
-a third contender, that --n-cpu-moe with ccmoe's load mode, tells the placement's share from the load mode's.
+a third contender, that --n-cpu-moe with ccmoe's load mode, tells the placement's share from the load mode's. A
+fourth, ccmoe's placement under the sweep's own policy (llama.cpp's mmap, no margin, kept only if its trial runs),
+tells ccmoe's tensor-level placement from its safety policy.
 Resumable: finished sizes are kept in --work.
 """
 
@@ -51,10 +53,12 @@ def release(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def ccmoe_args(engine, model: Path) -> tuple[list[str], dict]:
+def ccmoe_args(engine, model: Path, margin_bytes: int | None = None, load_mode: str | None = None
+               ) -> tuple[list[str], dict]:
     """ccmoe's llama-bench flags for this free memory, and what it predicted and placed."""
     device = get_profile("auto")
-    settings = Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2, n_prompt=N_PROMPT)
+    settings = Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2, n_prompt=N_PROMPT, margin_bytes=margin_bytes,
+                        load_mode=load_mode)
     p = place(read_gguf(model), device, load_factors(device), settings, engine, model, trial=True)
     cpu_tensors = sum(1 for n, w in p.tensors.items() if w == "cpu" and "_exps" in n)
     cpu_layers = len({int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n})
@@ -79,6 +83,12 @@ def one_size(engine, model: Path, free_mib: int, rounds: int, reps: int, n_moe_l
         contenders = {"ccmoe": args, f"n-cpu-moe={n}": ["-ncmoe", str(n), "-t", str(threads)]}
         if info["load_mode"] != "auto":      # attribution: llama.cpp's layers with ccmoe's host-memory load mode
             contenders[f"n-cpu-moe={n} +ccmoe-load-mode"] = ["-ncmoe", str(n), "-lm", info["load_mode"], "-t", str(threads)]
+        same_args, same = ccmoe_args(engine, model, margin_bytes=0, load_mode="auto")
+        result_same = {"ccmoe_same_policy_info": same}
+        if same_args != args:                # attribution: ccmoe's placement under the sweep's policy (mmap, no margin)
+            log(f"  ccmoe, the sweep's policy: {same['cpu_expert_tensors']} expert tensors on the CPU; "
+                f"{' | '.join(same['notes'])}")
+            contenders["ccmoe, sweep's policy"] = same_args
         samples = {k: {"pp": [], "tg": []} for k in contenders}
         errors = {}
         for i in range(rounds):
@@ -93,7 +103,7 @@ def one_size(engine, model: Path, free_mib: int, rounds: int, reps: int, n_moe_l
                     samples[name][key].append(max(r[key]))
                 log(f"  round {i + 1} {name}: pp {samples[name]['pp'][-1]:.1f} tg {samples[name]['tg'][-1]:.1f}")
         result = {"free_mib": free_mib, "held": held, "ccmoe_info": info, "best_n_cpu_moe": n, "args": contenders,
-                  "errors": errors}
+                  "errors": errors, **result_same}
         for name in contenders:
             if samples[name]["tg"]:
                 result[name] = {k: spread(v) for k, v in samples[name].items()}
@@ -122,21 +132,30 @@ def attribution(r: dict, base: str) -> str:
     return f"{a['tg']['median']:.1f} ({a['tg']['spread']:.1%})" if a else "(same as the baseline)"
 
 
+def same_policy(r: dict) -> str:
+    a, info = r.get("ccmoe, sweep's policy"), r.get("ccmoe_same_policy_info")
+    if not info:
+        return ""
+    return (f"{info['cpu_expert_tensors']}, {a['tg']['median']:.1f} ({a['tg']['spread']:.1%})" if a
+            else f"{info['cpu_expert_tensors']}, same flags as ccmoe")
+
+
 def table(results: list[dict]) -> list[str]:
     rows = ["| free MiB | ccmoe CPU tensors (layers) | best --n-cpu-moe (tensors) | ccmoe tg (spread) | --n-cpu-moe tg (spread)"
             " | ccmoe / --n-cpu-moe tg, per-round median | rounds ccmoe won | ccmoe / --n-cpu-moe pp | ccmoe tg predicted |"
-            " --n-cpu-moe with ccmoe's load mode: tg (spread) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            " --n-cpu-moe with ccmoe's load mode: tg (spread) | ccmoe under the sweep's policy: CPU tensors, tg (spread) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         v, base = r.get("verdict", {}), f"n-cpu-moe={r.get('best_n_cpu_moe')}"
         if not v:
-            rows.append(f"| {r['free_mib']} | failed: {r.get('error') or r.get('errors')} | | | | | | | | |")
+            rows.append(f"| {r['free_mib']} | failed: {r.get('error') or r.get('errors')} | | | | | | | | | |")
             continue
         c, b, info = r["ccmoe"]["tg"], r[base]["tg"], r["ccmoe_info"]
         rows.append(f"| {r['free_mib']:,} | {info['cpu_expert_tensors']} ({info['cpu_expert_layers']}) | "
                     f"{r['best_n_cpu_moe']} ({3 * r['best_n_cpu_moe']}) | {c['median']:.1f} ({c['spread']:.1%}) | "
                     f"{b['median']:.1f} ({b['spread']:.1%}) | {v['tg_ratio_per_round_median']:.3f} | "
                     f"{v['ccmoe_rounds_won']}/{v['rounds']} | {v['pp_ratio_of_medians']:.2f} | "
-                    f"{info['predicted']['decode_tps']:.1f} ({v['prediction_error']:+.1%}) | {attribution(r, base)} |")
+                    f"{info['predicted']['decode_tps']:.1f} ({v['prediction_error']:+.1%}) | {attribution(r, base)} | {same_policy(r)} |")
     return rows
 
 
@@ -146,11 +165,11 @@ def main() -> int:
     ap.add_argument("--free-mib", type=int, nargs="+", required=True, help="emulated card sizes (MiB left free)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per round (the best one counts)")
     ap.add_argument("--deadline", type=float, default=time.time() + 3600, help="Unix time: start no size after it")
     ap.add_argument("--size-s", type=float, default=None,
-                    help="expected seconds per size, checked against --deadline (default: 60 + 42 per round)")
+                    help="expected seconds per size, checked against --deadline (default: 80 + 56 per round)")
     ap.add_argument("--backend", default="cuda")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +181,7 @@ def main() -> int:
     for free in a.free_mib:
         if str(free) in done:
             continue
-        if time.time() + (a.size_s or 60 + 42 * a.rounds) > a.deadline:
+        if time.time() + (a.size_s or 80 + 56 * a.rounds) > a.deadline:
             log(f"stopping before {free} MiB: the deadline is near (run again to go on)")
             break
         done[str(free)] = one_size(engine, a.model, free, a.rounds, a.reps, n_moe_layers)

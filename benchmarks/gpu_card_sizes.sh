@@ -29,7 +29,7 @@ cp "$HOST_PROFILE" "$OUT/host-profile.json" 2>/dev/null
 
 # shellcheck disable=SC2086
 python3 benchmarks/card_sizes.py --model "$MODEL" --free-mib $SIZES --work "$W/card-sizes" --out "$OUT" \
-  --rounds "${ROUNDS:-4}" --reps "${REPS:-3}" --deadline $(( T0 + DEADLINE_S ))
+  --rounds "${ROUNDS:-3}" --reps "${REPS:-3}" --deadline $(( T0 + DEADLINE_S ))
 RC=$?
 say "done (rc $RC)"
 exit $RC
