@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -232,9 +233,7 @@ def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tm
     assert r["ok"], r.get("error")
     assert len(r["tg"]) == 1 and r["tg"][0] > 0 and r["peak_rss_bytes"] > inv_bytes(inv) // 2
     assert P.fit_print(engine, q4_model, ["-c", "256", *hybrid.common_args()]) is not None
-    import dataclasses
-
-    asked = P.place(inv, small, f, dataclasses.replace(_settings(), load_mode="mmap"))   # the user's overrides
+    asked = P.place(inv, small, f, replace(_settings(), load_mode="mmap"))   # the user's choice overrides calibration
     assert asked.load_mode == "mmap" and asked.bench_args()[asked.bench_args().index("-lm") + 1] == "mmap"
     assert any("--load-mode mmap: as asked" in line for line in P.summary_lines(asked))
     assert llama_bench(engine, q4_model, asked.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)["ok"]
