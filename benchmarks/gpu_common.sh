@@ -62,14 +62,15 @@ gpu_generated() {    # wait for every gpu_generate model
 }
 
 # The bundled model's pp512 on the GPU (best of 30 repetitions) in 5 separate processes per way of running it:
-# llama-bench's default threads, 8, 4 and 1 thread, and pinned to one CPU. Its pp512 lasts under 2 ms, so this is
-# the host launching kernels; the spread between processes of one way says which way is steady.
+# llama-bench's default threads, 8, 4 and 1 thread, no busy-waiting threads (--poll 0), and pinned to one CPU.
+# Its pp512 lasts under 2 ms, so this is the host launching kernels; the spread between processes of one way says
+# which way is steady.
 gpu_launch_probe() {
   local bench bundled how cmd
   bench=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
   bundled=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())")
   say "launch probe on $bundled: pp512, 5 processes each way, best of 30 repetitions"
-  for how in "default" "-t 8" "-t 4" "-t 1" "taskset -c 3"; do
+  for how in "default" "-t 8" "-t 4" "-t 1" "--poll 0" "taskset -c 3"; do
     for _ in 1 2 3 4 5; do
       case $how in
         default) cmd=("$bench") ;;
