@@ -169,7 +169,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per round (the best one counts)")
     ap.add_argument("--deadline", type=float, default=time.time() + 3600, help="Unix time: start no size after it")
     ap.add_argument("--size-s", type=float, default=None,
-                    help="expected seconds per size, checked against --deadline (default: 80 + 56 per round)")
+                    help="expected seconds per size, checked against --deadline (default: 90 + 60 per round)")
     ap.add_argument("--backend", default="cuda")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def main() -> int:
     for free in a.free_mib:
         if str(free) in done:
             continue
-        if time.time() + (a.size_s or 80 + 56 * a.rounds) > a.deadline:
+        if time.time() + (a.size_s or 90 + 60 * a.rounds) > a.deadline:
             log(f"stopping before {free} MiB: the deadline is near (run again to go on)")
             break
         done[str(free)] = one_size(engine, a.model, free, a.rounds, a.reps, n_moe_layers)

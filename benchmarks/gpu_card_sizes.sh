@@ -6,7 +6,7 @@
 # without it until every size is done (each stops before DEADLINE_S; finished sizes are kept). PIN_PROBE=1 adds
 # gpu_launch_probe to the prepare call.
 source benchmarks/gpu_common.sh
-DEADLINE_S=${DEADLINE_S:-570}
+DEADLINE_S=${DEADLINE_S:-560}
 SIZES=${SIZES:-24077 23924 23771 23618}
 gpu_log gpu_card_sizes.log
 gpu_setup
