@@ -1,7 +1,9 @@
 """`ccmoe-run calibrate`: measure the cost model's factors on this host with llama-bench on generated models.
 
-Two tiny models (2 and 12 layers) give the fixed and per-layer cost of a token; one medium model per weight type
-gives the decode efficiency of each pool and the prompt throughput; on a GPU host the same models with
+Two tiny models (2 and 12 layers) give the fixed and per-layer cost of a token; on a GPU host two more, as wide as
+real MoE models (2048) but with few small experts, give the per-layer cost of wide layers (kernels on wide layers
+take longer, and without them that time would be charged to the medium models' bandwidth). One medium model per
+weight type gives the decode efficiency of each pool and the prompt throughput; on a GPU host the same models with
 `-ot exps=CPU` give the cost of a CPU<->GPU split, the CPU pool's efficiency and the link's copy rate.
 """
 
@@ -16,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .costmodel import (MIB, Factors, TensorLoad, default_factors, main_pool, pool_bandwidth, predict,
-                        save_host_profile, tensor_loads)
+from .costmodel import (MIB, NARROW_WIDTH, WIDE_WIDTH, Factors, TensorLoad, default_factors, main_pool, model_width,
+                        pool_bandwidth, predict, save_host_profile, tensor_loads)
 from .devices import DeviceProfile
 from .engine import Engine
 from .errors import EXIT_ENGINE, CcmoeError
@@ -41,8 +43,14 @@ class CalModel:
 
 
 def tiny_spec(n_layer: int) -> SynthSpec:
-    return SynthSpec(arch="qwen3moe", name=f"cal-tiny{n_layer}", n_embd=256, n_layer=n_layer, n_head=4, n_head_kv=2,
-                     head_dim=64, n_expert=16, n_expert_used=4, n_ff_exp=256, seed=11)
+    return SynthSpec(arch="qwen3moe", name=f"cal-tiny{n_layer}", n_embd=NARROW_WIDTH, n_layer=n_layer, n_head=4,
+                     n_head_kv=2, head_dim=64, n_expert=16, n_expert_used=4, n_ff_exp=256, seed=11)
+
+
+def wide_spec(n_layer: int) -> SynthSpec:
+    """As wide as real MoE models, with few small experts: about 18 MB per layer in Q8_0."""
+    return SynthSpec(arch="qwen3moe", name=f"cal-wide{n_layer}", n_embd=WIDE_WIDTH, n_layer=n_layer, n_head=16,
+                     n_head_kv=4, head_dim=128, n_expert=8, n_expert_used=4, n_ff_exp=128, seed=13)
 
 
 def medium_spec(size_mb: int, qtype: str, wide: bool) -> SynthSpec:
@@ -59,6 +67,8 @@ def make_models(folder: Path, size_mb: int, types: list[str], wide: bool) -> lis
     """Generate the calibration models (Q8_0 tiny ones, one medium one per type)."""
     out = []
     specs = [(f"tiny{n}", tiny_spec(n), "q8_0") for n in TINY_LAYERS]
+    if wide:
+        specs += [(f"wide{n}", wide_spec(n), "q8_0") for n in TINY_LAYERS]
     specs += [(f"medium-{t}", medium_spec(size_mb, t, wide), t) for t in types]
     for role, spec, qtype in specs:
         path = write_random_gguf(spec, folder / f"{spec.name}.gguf", force=True, qtype=qtype)
@@ -111,26 +121,35 @@ def _two_point(a: CalModel, b: CalModel, ta: float, tb: float) -> tuple[float, f
     return max(ta - a.n_layers * per_layer, 0.0), per_layer
 
 
-def _tiny_pair(models: list[CalModel]) -> tuple[CalModel, CalModel]:
-    tiny = {m.role: m for m in models}
-    return tiny[f"tiny{TINY_LAYERS[0]}"], tiny[f"tiny{TINY_LAYERS[1]}"]
+def _tiny_pair(models: list[CalModel], kind: str = "tiny") -> tuple[CalModel, CalModel] | None:
+    """The two small models of `kind` (tiny or wide) that differ only in layer count, if calibration made them."""
+    by_role = {m.role: m for m in models}
+    pair = by_role.get(f"{kind}{TINY_LAYERS[0]}"), by_role.get(f"{kind}{TINY_LAYERS[1]}")
+    return pair if all(pair) else None
 
 
 def fit_decode(models: list[CalModel], times: dict, main: str, s_per_byte: float
-               ) -> tuple[float, float, dict[str, float]]:
-    """token_s, layer_s (tiny models, their few bytes subtracted) and seconds per byte of each medium model's type."""
+               ) -> tuple[Factors, dict[str, float]]:
+    """token_s, layer_s (tiny models, their few bytes subtracted), layer_s_wide (the wide pair, if any) as Factors,
+    and seconds per byte of each medium model's type."""
     a, b = _tiny_pair(models)
+    wide = _tiny_pair(models, "wide")
     per_type: dict[str, float] = {}
-    token_s = layer_s = 0.0
-    for _ in range(3):
+    f = Factors(efficiency={}, layer_s=0.0, token_s=0.0, split_s=0.0, pp_flops={})
+    for _ in range(8):                 # a fixed point: the small models' bytes cost what the medium ones measure
         x = min(per_type.get(a.qtype, s_per_byte), s_per_byte)   # a noisy medium run must not eat the overhead
-        token_s, layer_s = _two_point(a, b, times[(a.role, "tg")] - _bytes(a, main, False) * x,
-                                      times[(b.role, "tg")] - _bytes(b, main, False) * x)
+
+        def net(m: CalModel) -> float:
+            return times[(m.role, "tg")] - _bytes(m, main, False) * x
+
+        f.token_s, f.layer_s = _two_point(a, b, net(a), net(b))
+        if wide:
+            f.layer_s_wide = _two_point(*wide, net(wide[0]), net(wide[1]))[1]
         for m in (m for m in models if m.role.startswith("medium")):
-            left = times[(m.role, "tg")] - token_s - m.n_layers * layer_s
+            left = times[(m.role, "tg")] - f.token_s - m.n_layers * f.layer_cost(model_width(m.loads))
             if left > 0:
                 per_type[m.qtype] = left / _bytes(m, main, False)
-    return token_s, layer_s, per_type
+    return f, per_type
 
 
 def fit_split(models: list[CalModel], times: dict, f: Factors, gpu_s_per_byte: dict[str, float],
@@ -139,7 +158,8 @@ def fit_split(models: list[CalModel], times: dict, f: Factors, gpu_s_per_byte: d
     a, b = _tiny_pair(models)
 
     def extra(m: CalModel, x_cpu: float) -> float:
-        known = f.token_s + m.n_layers * f.layer_s + _bytes(m, "gpu", True) * gpu_s_per_byte.get(m.qtype, 0.0)
+        known = (f.token_s + m.n_layers * f.layer_cost(model_width(m.loads))
+                 + _bytes(m, "gpu", True) * gpu_s_per_byte.get(m.qtype, 0.0))
         return times[(m.role, "tg")] - known - _bytes(m, "cpu", True) * x_cpu
 
     per_type: dict[str, float] = {}
@@ -174,7 +194,8 @@ def fit_factors(device: DeviceProfile, models: list[CalModel], full: dict, split
     f = default_factors(device)
     main = main_pool(device)
     bw = pool_bandwidth(device, main)
-    f.token_s, f.layer_s, s_per_byte = fit_decode(models, full, main, 1.0 / (bw * f.eff(main, "q8_0")))
+    fixed, s_per_byte = fit_decode(models, full, main, 1.0 / (bw * f.eff(main, "q8_0")))
+    f.token_s, f.layer_s, f.layer_s_wide = fixed.token_s, fixed.layer_s, fixed.layer_s_wide
     for t, x in s_per_byte.items():
         f.efficiency[f"{main}:{t}"] = round(1.0 / (x * bw), 4)
     f.pp_batch_s, f.pp_layer_s, f.pp_flops[main] = fit_prompt(models, full, f.pp_flops[main])
@@ -307,8 +328,9 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
         if main == "gpu":
             from .serve import environment_threads
 
-            split, cpu_choice, cpu_tried = measure_cpu_settings(
-                engine, models, reps, threads or min(device.threads, environment_threads()), say)
+            split, cpu_choice, cpu_tried = measure_cpu_settings(    # the wide pair only measures layer costs
+                engine, [m for m in models if not m.role.startswith("wide")], reps,
+                threads or min(device.threads, environment_threads()), say)
         factors = fit_factors(device, models, full, split)
         if cpu_choice:
             factors.cpu_load_mode, factors.cpu_threads = cpu_choice
@@ -335,7 +357,7 @@ def _self_check(device: DeviceProfile, f: Factors, models: list[CalModel], full:
     for mode, res in (("full", full), ("split", split)):
         if not res:
             continue
-        for m in models:
+        for m in (m for m in models if (m.role, "tg") in res):
             where = {ld.name: ("cpu" if mode == "split" and ld.cls == "routed_expert" else main) for ld in m.loads}
             p = predict(m.loads, where, device, f, m.n_layers, 0.0, 0, N_PROMPT, 512, main)
             out[f"{m.role}/{mode}"] = {"measured_tg": round(1 / res[(m.role, "tg")], 1), "predicted_tg": p.decode_tps,

@@ -829,7 +829,8 @@ def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, as_json
         return
     f = result["factors"]
     click.echo(f"host profile {out} ({result['seconds']} s)")
-    click.echo(f"  per token {f['token_s'] * 1e6:.0f} us + {f['layer_s'] * 1e6:.1f} us per layer; "
+    wide = f" ({f['layer_s_wide'] * 1e6:.1f} us if 2048 wide)" if f.get("layer_s_wide") is not None else ""
+    click.echo(f"  per token {f['token_s'] * 1e6:.0f} us + {f['layer_s'] * 1e6:.1f} us per layer{wide}; "
                f"split {f['split_s'] * 1e6:.0f} us; prompt {f['pp_flops'].get('gpu' if profile.backend != 'cpu' else 'cpu', 0) / 1e12:.2f} TFLOP/s"
                + (f"; link {f['link_gbs']} GB/s" if f.get("link_gbs") else ""))
     click.echo("  decode efficiency: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(f["efficiency"].items())))

@@ -35,6 +35,7 @@ DEFAULT_PP_TFLOPS = {"cuda": 150.0, "hip": 80.0, "vulkan": 30.0, "metal": 20.0}
 DEFAULT_CPU_GFLOPS_PER_THREAD = 25.0
 DEFAULT_GPU_OVERHEAD = 768 * MIB     # CUDA context, cuBLAS handles and pools outside llama.cpp's own buffers
 DEFAULT_HOST_OVERHEAD = 160 * MIB    # llama-server's code, threads and HTTP buffers
+NARROW_WIDTH, WIDE_WIDTH = 256, 2048  # hidden sizes of calibrate's two pairs of small models (GPU hosts: both)
 
 
 @dataclass
@@ -54,7 +55,16 @@ class Factors:
     host_overhead_bytes: int = DEFAULT_HOST_OVERHEAD
     cpu_load_mode: str = "auto"           # llama.cpp --load-mode for weights in host memory next to a GPU (measured)
     cpu_threads: int | None = None        # threads for CPU-resident weights next to a GPU (measured)
+    layer_s_wide: float | None = None     # layer_s of WIDE_WIDTH-wide layers (layer_s is of NARROW_WIDTH ones)
     source: str = "defaults"
+
+    def layer_cost(self, width: int | None) -> float:
+        """Seconds per layer per decoded token for layers `width` wide: between the two measured widths
+        interpolated, outside them the nearer measurement (no extrapolation)."""
+        if self.layer_s_wide is None or not width:
+            return self.layer_s
+        x = min(max((width - NARROW_WIDTH) / (WIDE_WIDTH - NARROW_WIDTH), 0.0), 1.0)
+        return self.layer_s + x * (self.layer_s_wide - self.layer_s)
 
     def eff(self, where: str, ggml_type: str, slow_types: list[str] | None = None) -> float:
         """Efficiency of decode reads of `ggml_type` from `where` (gpu, cpu or unified)."""
@@ -209,12 +219,17 @@ def count_splits(loads: list[TensorLoad], where: dict[str, str], main: str) -> i
     return len(layers)
 
 
+def model_width(loads: list[TensorLoad]) -> int | None:
+    """The model's hidden size: the length of its final norm's weight vector."""
+    return next((ld.n_elements for ld in loads if ld.name == "output_norm.weight"), None)
+
+
 def predict(loads: list[TensorLoad], where: dict[str, str], device: DeviceProfile, factors: Factors,
             n_layers: int, kv_bytes_per_token: float = 0.0, depth: int = 0, n_prompt: int = 512,
             ubatch: int = 512, main: str | None = None) -> Prediction:
     """Decode and prompt speed of a placement (`where`: tensor name -> gpu or cpu)."""
     main = main or main_pool(device)
-    terms = {"fixed": factors.token_s + n_layers * factors.layer_s}
+    terms = {"fixed": factors.token_s + n_layers * factors.layer_cost(model_width(loads))}
     splits = count_splits(loads, where, main)
     terms["splits"] = splits * factors.split_s
     read: dict[str, float] = {}

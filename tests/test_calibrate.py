@@ -18,6 +18,12 @@ def cal_models(tmp_path_factory):
     return make_models(tmp_path_factory.mktemp("cal"), 20, ["q8_0", "q4_0"], wide=False)
 
 
+@pytest.fixture(scope="module")
+def gpu_cal_models(tmp_path_factory):
+    """What calibration generates on a GPU host: wide medium models and the wide pair beside the tiny one."""
+    return make_models(tmp_path_factory.mktemp("cal-gpu"), 20, ["q8_0", "q4_0"], wide=True)
+
+
 def _times(device, truth, models, split: bool) -> dict:
     """What llama-bench would measure if the cost model were exact."""
     out = {}
@@ -55,6 +61,25 @@ def test_fit_recovers_the_factors_that_made_the_times(cal_models, device_name):
         assert f.split_s == pytest.approx(truth.split_s, rel=0.05)
         assert f.efficiency["cpu:q4_0"] == pytest.approx(0.5, rel=0.02)
         assert f.offload_gbs["q4_0"] == pytest.approx(40.0, rel=0.1)
+
+
+def test_wide_layers_cost_what_the_wide_pair_measures_and_not_bandwidth(gpu_cal_models):
+    """Times made with a per-layer cost that grows with width: the fit finds both layer costs and the true
+    bandwidth; without the wide pair, the wide medium models' extra layer time would be read as slow memory."""
+    device = get_profile("cuda-h100-80g")
+    truth = _truth(device)
+    truth.layer_s_wide = 55e-6
+    assert {m.role for m in gpu_cal_models} >= {"tiny2", "tiny12", "wide2", "wide12"}
+    full = _times(device, truth, gpu_cal_models, split=False)
+    split = _times(device, truth, [m for m in gpu_cal_models if not m.role.startswith("wide")], split=True)
+    f = fit_factors(device, gpu_cal_models, full, split)
+    assert f.layer_s == pytest.approx(30e-6, rel=0.02) and f.layer_s_wide == pytest.approx(55e-6, rel=0.02)
+    assert f.efficiency["gpu:q8_0"] == pytest.approx(0.8, rel=0.02)
+    assert f.split_s == pytest.approx(truth.split_s, rel=0.05)
+    assert f.layer_cost(1152) == pytest.approx((f.layer_s + f.layer_s_wide) / 2)     # halfway between the widths
+    assert f.layer_cost(7168) == f.layer_s_wide and f.layer_cost(64) == f.layer_s      # no extrapolation
+    narrow_only = fit_factors(device, [m for m in gpu_cal_models if not m.role.startswith("wide")], full, split)
+    assert narrow_only.layer_s_wide is None and narrow_only.efficiency["gpu:q8_0"] < 0.7
 
 
 def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundled_model, tmp_path):
