@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from .devices import GB, DeviceProfile
+from .devices import DeviceProfile
 from .engine import Engine, tool_version
 from .errors import EXIT_USAGE, CcmoeError
 
-BENCH_VERSION = 2
+BENCH_VERSION = 3        # 3: bandwidth_share per pool, from the measured bandwidths
 N_PROMPT, N_GEN = 512, 128
 MIN_ROUND_S = 5.0         # measured work per contender per round: short runs are at the mercy of the machine
 MIN_REPS, MAX_REPS = 3, 100     # a round's sample is its best repetition: best of 3 at least
@@ -129,8 +129,9 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
               engine, model,
               trial=device.backend == "cuda")
     cpu_layers = {int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n}
+    reads = {k: v for k, v in p.predicted_empty.seconds_per_token.items() if k not in ("fixed", "splits")}
     found = {"ccmoe": {"args": p.bench_args() + ["-t", str(p.threads)], "predicted": p.predicted_empty.to_dict(),
-                       "bytes_per_token": sum(p.predicted_empty.bytes_per_token.values()),
+                       "read_s": sum(reads.values()),     # a token's bytes at each pool's measured bandwidth
                        "cpu_expert_layers": len(cpu_layers), "notes": p.notes}}
     threads_args = ["-t", str(base_threads)]             # llama.cpp's placements: the user's or the profile's threads
     if device.backend == "cpu":
@@ -206,7 +207,6 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
                 samples[name][key + "_median"].append(statistics.median(r[key]))
             samples[name]["rss"].append(r["peak_rss_bytes"])
             say(f"round {i + 1}/{runs} {name}: pp {samples[name]['pp'][-1]:.1f} tg {samples[name]['tg'][-1]:.1f} tok/s")
-    bandwidth = max(p.bandwidth_gbs for p in device.pools) * GB
     result = {}
     for name, c in found.items():
         if name in errors:
@@ -216,9 +216,9 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
         entry = {"args": c["args"], "reps_per_round": reps[name], "pp": spread(samples[name]["pp"]), "tg": tg,
                  "round_medians": {k: spread(samples[name][k + "_median"]) for k in ("pp", "tg")},
                  "peak_rss_bytes": max(samples[name]["rss"])}
-        if "bytes_per_token" in c:
+        if "read_s" in c:           # the share of a generated token's time its bytes take at measured bandwidth
             entry["predicted"] = {"pp": c["predicted"]["prompt_tps"], "tg": c["predicted"]["decode_tps"]}
-            entry["bandwidth_share"] = round(c["bytes_per_token"] * tg["median"] / bandwidth, 4)
+            entry["bandwidth_share"] = round(c["read_s"] * tg["median"], 4)
         result[name] = entry
     return {"version": BENCH_VERSION, "model": str(model), "model_hash": quick_hash(model), "device": device.name,
             "backend": device.backend, "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,

@@ -33,6 +33,7 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
+    assert r["version"] == 3                 # bandwidth_share counted per pool at the measured bandwidths
 
 
 def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
