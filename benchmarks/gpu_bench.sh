@@ -3,7 +3,7 @@
 # qwen3moe (Q8_0, 10.6 GB), 5 alternating rounds each, with the GPU held so that a 24 GB card is emulated.
 # Run from the repository root on the device machine; results in $OUT (bench JSON, history, log).
 # MODELS picks what is benched (default "bundled 10b"; "30b" is the Qwen3-30B-A3B-shaped model of
-# gpu_placement.sh, i.e. issue 4's comparison with alternating rounds); MIN_ROUND_S passes --min-round-s.
+# gpu_placement.sh, i.e. issue 4's comparison with alternating rounds); MIN_ROUND_S passes --min-round-s, THREADS -t.
 # A call is limited to 600 s: PREPARE_ONLY=1 stops after the build, the models and calibration, so that a second
 # call on the still-warm machine (within 30 s) spends its time on the bench alone. PREGEN names models to generate now
 # for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled). PIN_PROBE=1 adds gpu_launch_probe (gpu_common.sh): the
@@ -38,7 +38,7 @@ for m in $MODELS; do
   name=$(basename "$m" .gguf)
   say "bench $name"
   python3 -m ccmoe_runtime.cli bench --device auto --model "$m" --runs "${RUNS:-5}" --min-round-s "${MIN_ROUND_S:-5}" \
-    --history "$OUT/history.jsonl" --json > "$OUT/bench-$name.json" || say "bench $name failed"
+    ${THREADS:+-t "$THREADS"} --history "$OUT/history.jsonl" --json > "$OUT/bench-$name.json" || say "bench $name failed"
   if [ -n "${SELF_CHECK:-}" ]; then      # one more round against the medians just measured
     python3 -m ccmoe_runtime.cli bench --device auto --model "$m" --runs 1 --no-history \
       --baseline "$OUT/bench-$name.json" --max-regression 5 > /dev/null 2>&1; echo "regression check vs itself: exit $?"
