@@ -60,10 +60,8 @@ def ccmoe_args(engine, model: Path, margin_bytes: int | None = None, load_mode: 
     settings = Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2, n_prompt=N_PROMPT, margin_bytes=margin_bytes,
                         load_mode=load_mode)
     p = place(read_gguf(model), device, load_factors(device), settings, engine, model, trial=True)
-    cpu_tensors = sum(1 for n, w in p.tensors.items() if w == "cpu" and "_exps" in n)
-    cpu_layers = len({int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n})
-    info = {"predicted": p.predicted_empty.to_dict(), "cpu_expert_tensors": cpu_tensors,
-            "cpu_expert_layers": cpu_layers, "notes": p.notes, "threads": p.threads, "load_mode": p.load_mode}
+    info = {"predicted": p.predicted_empty.to_dict(), "cpu_expert_tensors": len(p.cpu_expert_tensors),
+            "cpu_expert_layers": p.cpu_expert_layers, "notes": p.notes, "threads": p.threads, "load_mode": p.load_mode}
     return p.bench_args() + ["-t", str(p.threads)], info
 
 

@@ -128,11 +128,10 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
                                                           n_prompt=N_PROMPT, threads=threads, load_mode=load_mode),
               engine, model,
               trial=device.backend == "cuda")
-    cpu_layers = {int(n.split(".")[1]) for n, w in p.tensors.items() if w == "cpu" and "_exps" in n}
     reads = {k: v for k, v in p.predicted_empty.seconds_per_token.items() if k not in ("fixed", "splits")}
     found = {"ccmoe": {"args": p.bench_args() + ["-t", str(p.threads)], "predicted": p.predicted_empty.to_dict(),
                        "read_s": sum(reads.values()),     # a token's bytes at each pool's measured bandwidth
-                       "cpu_expert_layers": len(cpu_layers), "notes": p.notes}}
+                       "cpu_expert_layers": p.cpu_expert_layers, "notes": p.notes}}
     threads_args = ["-t", str(base_threads)]             # llama.cpp's placements: the user's or the profile's threads
     if device.backend == "cpu":
         found["llama.cpp default"] = {"args": []}

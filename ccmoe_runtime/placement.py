@@ -122,6 +122,16 @@ class Placement:
         """Some weights (besides token_embd) stay in host memory while the layers run on a GPU."""
         return self.n_gpu_layers > 0 and bool(self.overrides)
 
+    @property
+    def cpu_expert_tensors(self) -> list[str]:
+        """The routed-expert tensors that stay in host memory."""
+        return [n for n, w in self.tensors.items() if w == "cpu" and "_exps" in n]
+
+    @property
+    def cpu_expert_layers(self) -> int:
+        """How many layers keep at least one routed-expert tensor in host memory (--n-cpu-moe's unit)."""
+        return len({int(n.split(".")[1]) for n in self.cpu_expert_tensors})
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["memory"] = {k: v.to_dict() for k, v in self.memory.items()}
