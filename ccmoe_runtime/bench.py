@@ -144,16 +144,18 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
 
 
 def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, threads: int) -> int | None:
-    """The fewest --n-cpu-moe layers that load, searched down from `start` (one short llama-bench each)."""
+    """The fewest --n-cpu-moe layers that run the measured work, searched down from `start` (one short llama-bench
+    each, with the full prompt: a prompt's compute buffer is larger than a decode's, so a decode-only probe passes
+    counts whose pp512 then runs out of memory)."""
     found = None
     for n in range(max(start, 0), -1, -1):
-        r = llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=0, n_gen=8)
+        r = llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=N_PROMPT, n_gen=8)
         if not r["ok"]:
             break
         found = n
     if found is None:
         for n in range(start + 1, n_moe_layers + 1):
-            if llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=0, n_gen=8)["ok"]:
+            if llama_bench(engine, model, ["-ncmoe", str(n), "-t", str(threads)], n_prompt=N_PROMPT, n_gen=8)["ok"]:
                 return n
     return found
 
