@@ -20,9 +20,18 @@ from ccmoe_runtime.hfexport import export_hf
 from ccmoe_runtime.sources import resolve_model_path
 from conftest import run_cli
 
+
+
+def installed(module: str) -> bool:
+    """Whether a module can be imported, found without importing it (a dotted name's missing parent counts as absent)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 # find_spec, not an import: transformers imports huggingface_hub, which reads HF_HUB_CACHE once, at import
-MISSING = [m for m in ("torch", "transformers", "sentencepiece", "safetensors", "google.protobuf")
-           if importlib.util.find_spec(m) is None]
+MISSING = [m for m in ("torch", "transformers", "sentencepiece", "safetensors", "google.protobuf") if not installed(m)]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs the convert extra (missing {MISSING})")
 
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
