@@ -26,10 +26,45 @@ gpu_setup() {
 }
 
 gpu_build_engine() {
+  gpu_unpack_carried_engine
   say "engine build (CUDA, sm_90)"
   python3 -m ccmoe_runtime.cli engine build --backend cuda --cmake-flag=-DCMAKE_CUDA_ARCHITECTURES=90 -j 16 --json \
     > "$W/engine.json" || { say "engine build failed"; tail -30 "$W"/cache/build/*.log; exit 1; }
   say "engine ready: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["bin_dir"], d.get("build_seconds"))' "$W/engine.json")"
+  gpu_pack_engine
+}
+
+# The CUDA build takes about 5 minutes of a session's 30. PACK_ENGINE=1 sends the published engine back in $OUT
+# (xz, parts of 15 MiB, when it compresses to 45 MiB or less); copied into .carry/ here, a later session's
+# gpu_build_engine unpacks it into the engine cache, and `engine build` finds it there under the same key. The
+# build is native to the CPU it ran on, so a carried engine is kept only if it runs the bundled model on the CPU.
+gpu_unpack_carried_engine() {
+  local parts=(.carry/engine-cuda.tar.xz.part-*) bench dir
+  [ -f "${parts[0]}" ] || return 0
+  mkdir -p "$W/cache/engines"
+  cat "${parts[@]}" | xz -dc | tar xf - -C "$W/cache/engines" || { say "the carried engine did not unpack"; return 0; }
+  dir=$(cat "${parts[@]}" | xz -dc | tar tf - | head -1 | cut -d/ -f1)
+  bench="$W/cache/engines/$dir/bin/llama-bench"
+  if "$bench" -m models/ccmoe-mini-moe-f16.gguf -ngl 0 -p 32 -n 4 -r 1 -o csv > "$W/carried-engine-check.log" 2>&1; then
+    say "carried engine $dir runs here; the build below reuses it"
+  else
+    say "carried engine $dir does not run here ($(tail -1 "$W/carried-engine-check.log")); building"
+    rm -rf "${W:?}/cache/engines/$dir"
+  fi
+}
+
+gpu_pack_engine() {
+  [ -n "${PACK_ENGINE:-}" ] || return 0
+  local dir size
+  dir=$(python3 -c 'import json,sys,pathlib; print(pathlib.Path(json.load(open(sys.argv[1]))["bin_dir"]).parent)' "$W/engine.json")
+  tar cf - -C "$(dirname "$dir")" "$(basename "$dir")" | xz -T16 -6 > "$W/engine-cuda.tar.xz"
+  size=$(stat -c %s "$W/engine-cuda.tar.xz")
+  if [ "$size" -le $(( 45 * 1024 * 1024 )) ]; then
+    split -b 15M -d "$W/engine-cuda.tar.xz" "$OUT/engine-cuda.tar.xz.part-"
+    say "engine packed for carrying: $(( size / 1048576 )) MiB in $(ls "$OUT"/engine-cuda.tar.xz.part-* | wc -l) parts"
+  else
+    say "engine not packed: $(( size / 1048576 )) MiB compressed is more than a carry can take"
+  fi
 }
 
 gpu_hold_memory() {
