@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from ccmoe_runtime.bench import processes_for, reps_for
 from conftest import run_cli
 
 
@@ -29,11 +30,24 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
             assert c[key]["median"] > 100                                  # tokens/s of an 8M-parameter model
         assert 10e6 < c["peak_rss_bytes"] < 2e9
         assert 1 <= c["reps_per_round"] <= 100 and c["round_medians"]["tg"]["median"] <= c["tg"]["median"]
+        assert 1 <= c["processes_per_round"] <= min(5, c["reps_per_round"] // 3 or 1)
     assert r["host_speed"]["median"] > 1e5 and len(r["host_speed"]["samples"]) == 6    # 3 rounds x 2 contenders
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
-    assert r["version"] == 3                 # bandwidth_share counted per pool at the measured bandwidths
+    assert r["version"] == 4                 # 3: bandwidth_share per pool; 4: processes_per_round
+    # the bundled model starts in a fraction of a second, so at least one contender split its rounds over processes
+    assert max(c["processes_per_round"] for c in r["contenders"].values()) >= 2
+
+
+def test_a_round_is_split_over_processes_only_when_they_start_fast():
+    # warm-ups as llama-bench reports them (3 repetitions): the bundled model on an H100, the 30B Q8_0 at 24 GB
+    small = {"pp": [340_000.0] * 3, "tg": [1_000.0] * 3, "wall_s": 1.2}
+    large = {"pp": [2_800.0] * 3, "tg": [80.0] * 3, "wall_s": 15.0}
+    assert (reps_for(small, 5.0), processes_for(small, reps_for(small, 5.0))) == (39, 5)
+    assert (reps_for(large, 5.0), processes_for(large, reps_for(large, 5.0))) == (3, 1)
+    slow_start = {**small, "wall_s": 6.0}       # a process that takes seconds to start: fewer of them
+    assert processes_for(slow_start, 39) == 1
 
 
 def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
