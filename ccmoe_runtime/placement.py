@@ -526,14 +526,15 @@ def _threads(settings: Settings, device: DeviceProfile, factors: Factors, hybrid
     return max(1, min(wanted, environment_threads()))
 
 
-TRIAL_BACKOFF = 512 * MIB
+TRIAL_BACKOFFS = (128 * MIB, 512 * MIB)   # after a failed trial run: GPU memory held back, least first
 
 
 def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, factors: Factors,
                   settings: Settings, engine: Engine, model: Path, stats: dict | None) -> Placement:
     """Run the placement once (llama-bench, 512-token prompt, 16 tokens) and measure the GPU memory the process
     takes beyond llama.cpp's own buffers; place again with that overhead instead of the calibrated one, and keep
-    the new placement only when it runs too. A first placement that does not run is placed again 512 MiB freer."""
+    the new placement only when it runs too. A first placement that does not run is placed again with more GPU
+    memory held back, in steps (TRIAL_BACKOFFS), and the first of those that runs is kept."""
     from .calibrate import run_overhead
 
     def overhead(p: Placement) -> int | None:
@@ -541,11 +542,7 @@ def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, 
 
     measured = overhead(first)
     if measured is None:
-        bumped = replace(factors, gpu_overhead_bytes=factors.gpu_overhead_bytes + TRIAL_BACKOFF)
-        p = _place(inv, device, bumped, settings, engine, model, stats)
-        p.notes.append(f"a trial run of the first placement failed; placed again with {TRIAL_BACKOFF // MIB} MiB "
-                       f"more GPU memory held back")
-        return p
+        return _back_off(first, inv, device, factors, settings, engine, model, stats, overhead)
     note = f"trial run: the process took {measured / MIB:.0f} MiB of GPU memory beyond llama.cpp's buffers " \
            f"({factors.gpu_overhead_bytes / MIB:.0f} MiB assumed)"
     tighter = settings if settings.margin_bytes is not None else replace(settings, margin_bytes=TRIAL_MARGIN)
@@ -563,6 +560,29 @@ def tune_by_trial(first: Placement, inv: ModelInventory, device: DeviceProfile, 
     margin = f" and a {TRIAL_MARGIN // MIB} MiB margin" if tighter is not settings else ""
     second.notes.append(note + f"; placed again with the measured overhead{margin}, and that placement ran")
     return second
+
+
+def _back_off(first: Placement, inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
+              engine: Engine, model: Path, stats: dict | None, overhead) -> Placement:
+    """The placement with the least more GPU memory held back (TRIAL_BACKOFFS) whose trial run runs; the last
+    step's when none does (then `serve` reports the server's own error)."""
+    tried = first
+    for step in TRIAL_BACKOFFS:
+        bumped = replace(factors, gpu_overhead_bytes=factors.gpu_overhead_bytes + step)
+        try:
+            p = _place(inv, device, bumped, settings, engine, model, stats)
+        except CcmoeError:                            # what must stay on the GPU no longer fits: stop here
+            break
+        if p.tensors == tried.tensors:
+            continue                                  # the same layout as one that did not run
+        tried = p
+        if overhead(p) is not None:
+            p.notes.append(f"a trial run of the first placement failed; placed again with {step // MIB} MiB more "
+                           f"GPU memory held back, and that placement ran")
+            return p
+    tried.notes.append("a trial run of the first placement failed, and no placement with more GPU memory held "
+                       f"back (up to {TRIAL_BACKOFFS[-1] // MIB} MiB) ran")
+    return tried
 
 
 def _check_rules(rules: list[str], where: dict[str, str], cx: _Context) -> None:

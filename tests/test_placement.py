@@ -291,3 +291,34 @@ def test_a_trial_run_replaces_the_assumed_overhead_and_keeps_only_placements_tha
     ran.update(n=0, second_runs=False)
     kept = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
     assert kept.tensors == first.tensors and "did not run" in kept.notes[-1]
+
+
+def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_that_runs(q4_model, tmp_path,
+                                                                                       monkeypatch):
+    import ccmoe_runtime.calibrate as C
+    from ccmoe_runtime.engine import find_engine
+
+    inv = read_gguf(q4_model)
+    device = _gpu_profile(tmp_path, 0.6)          # 128 MiB more held back moves experts off; 512 MiB does not fit
+    f = _factors(device)
+    settings = P.Settings(ctx=1024, kv_type="f16")
+    first = P.place(inv, device, f, settings)
+    runs = []
+
+    def replay(engine, model, bench_args, fit_args, **kw):     # out of memory first, as at 23,618 MiB on the H100
+        runs.append(bench_args)
+        return None if len(runs) == 1 else H100_TRIAL_OVERHEAD
+
+    monkeypatch.setattr(C, "run_overhead", replay)
+    engine = find_engine("cpu")
+    stepped = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
+    smallest = P.place(inv, device, replace(f, gpu_overhead_bytes=f.gpu_overhead_bytes + P.TRIAL_BACKOFFS[0]), settings)
+    assert len(runs) == 2 and stepped.tensors == smallest.tensors != first.tensors
+    assert stepped.memory["gpu"].weights < first.memory["gpu"].weights
+    assert "128 MiB more GPU memory held back, and that placement ran" in stepped.notes[-1]
+
+    runs.clear()
+    monkeypatch.setattr(C, "run_overhead", lambda *a, **kw: runs.append(a) and None)   # nothing runs
+    given_up = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
+    assert len(runs) == 2 and "no placement with more GPU memory held back (up to 512 MiB) ran" in given_up.notes[-1]
+    assert given_up.memory["gpu"].weights <= stepped.memory["gpu"].weights
