@@ -12,8 +12,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .costmodel import (KV_TYPES, MIB, Factors, Prediction, TensorLoad, check_kv_type, main_pool, predict,
-                        tensor_loads)
+from .costmodel import (KV_TYPES, MIB, Factors, Prediction, TensorLoad, check_kv_type, main_pool, pool_bandwidth,
+                        predict, tensor_loads)
 from .devices import GB, DeviceProfile
 from .engine import Engine
 from .errors import EXIT_RESOURCE, CcmoeError
@@ -302,18 +302,38 @@ def density(ld: TensorLoad) -> float:
     return ld.read_share
 
 
-def greedy(loads: list[TensorLoad], budget: int) -> dict[str, str]:
-    """Fill the GPU by density (ties: later layers first, then down/up/gate), the rest to the CPU."""
+def gpu_value(ld: TensorLoad, device: DeviceProfile, factors: Factors) -> float:
+    """Decode seconds per token that one byte of this tensor saves on the GPU instead of in host memory: its read
+    share times the difference of the two pools' time per byte for its type. A type that is slow on the CPU
+    (a low-bit K or IQ quant, as a compressed plan uses) buys more per byte of GPU memory than Q8_0 does."""
+    t = ld.ggml_type
+    cpu = pool_bandwidth(device, "cpu") * factors.eff("cpu", t, device.slow_types)
+    gpu = pool_bandwidth(device, "gpu") * factors.eff("gpu", t, device.slow_types)
+    return ld.read_share * max(1.0 / cpu - 1.0 / gpu, 0.0)
+
+
+def greedy(loads: list[TensorLoad], budget: int, value=None) -> dict[str, str]:
+    """Fill the GPU by `value` per byte (`gpu_value`; default: density), ties by density, then later layers first,
+    then down/up/gate; the rest to the CPU."""
+    value = value or density
     where = {ld.name: "cpu" for ld in loads}
     left = budget
     order = sorted((ld for ld in loads if not ld.name.startswith("token_embd.")),
-                   key=lambda ld: (-density(ld), -(ld.layer if ld.layer is not None else 10**6),
+                   key=lambda ld: (-value(ld), -density(ld), -(ld.layer if ld.layer is not None else 10**6),
                                    _order_in_layer(ld.name), ld.name))
     for ld in order:
         if ld.n_bytes <= left:
             where[ld.name] = "gpu"
             left -= ld.n_bytes
     return where
+
+
+def choose_layout(loads: list[TensorLoad], budget: int, values: list, predict_fn) -> dict[str, str]:
+    """The greedy layout of each value order (refined by `drop_costly_partials`) with the fastest predicted decode.
+    Density keeps whole layers together (few CPU<->GPU splits); `gpu_value` keeps the types slowest on the CPU on
+    the GPU, which can spread CPU tensors over more layers: the prediction, splits included, settles it."""
+    layouts = [drop_costly_partials(loads, greedy(loads, budget, v), predict_fn) for v in values]
+    return max(layouts, key=lambda w: predict_fn(w).decode_tps)
 
 
 def drop_costly_partials(loads, where, predict_fn) -> dict[str, str]:
@@ -422,8 +442,8 @@ def _place_once(cx: _Context, kv_type: str, engine: Engine | None, model: Path |
     use: dict[str, PoolUse] = {}
     fitting = None
     for _ in range(8):
-        where = drop_costly_partials(cx.loads, greedy(cx.loads, budget),
-                                     lambda w: _predict(cx, w, kv_type, cx.settings.depth))
+        where = choose_layout(cx.loads, budget, [density, lambda ld: gpu_value(ld, cx.device, cx.factors)],
+                              lambda w: _predict(cx, w, kv_type, cx.settings.depth))
         measured = fit_print(engine, model, _llama_args(cx, where, kv_type)[1]) if engine and model else None
         use = _memory(cx, where, kv_type, measured, caps)
         if not measured:

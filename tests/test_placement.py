@@ -322,3 +322,54 @@ def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_th
     given_up = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
     assert len(runs) == 2 and "no placement with more GPU memory held back (up to 512 MiB) ran" in given_up.notes[-1]
     assert given_up.memory["gpu"].weights <= stepped.memory["gpu"].weights
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tmp_path_factory) -> Path:
+    """A compressed plan's kind of model, built with llama-quantize: experts' gate/up in Q2_K, the rest Q8_0."""
+    from ccmoe_runtime.build import quantize
+    from ccmoe_runtime.engine import find_engine
+
+    folder = tmp_path_factory.mktemp("mixed")
+    spec = SynthSpec(arch="qwen3moe", n_embd=512, n_layer=6, n_head=8, n_head_kv=2, head_dim=64, n_expert=16,
+                     n_expert_used=4, n_ff_exp=512, seed=6)
+    f16 = write_random_gguf(spec, folder / "f16.gguf")
+    return quantize(find_engine("cpu"), f16, folder / "mixed.gguf", "q8_0",
+                    [r"blk\.\d+\.ffn_gate_exps\.weight=q2_k", r"blk\.\d+\.ffn_up_exps\.weight=q2_k"])
+
+
+def test_types_slow_on_the_cpu_are_kept_on_the_gpu_when_that_outweighs_the_splits(mixed_model, tmp_path):
+    loads = tensor_loads(read_gguf(mixed_model))
+    experts = [ld for ld in loads if ld.cls == "routed_expert"]
+    assert {ld.ggml_type.lower() for ld in experts} == {"q2_k", "q8_0"}
+    device = _gpu_profile(tmp_path, 1.0)
+    f = _factors(device)
+    f.efficiency = {"cpu:q8_0": 0.9, "cpu:q2_k": 0.35, "gpu:q8_0": 0.8, "gpu:q2_k": 0.8}  # Q2_K: compute-bound on a CPU
+    dense = sum(ld.n_bytes for ld in loads if ld.cls != "routed_expert" and not ld.name.startswith("token_embd."))
+    budget = dense + sum(ld.n_bytes for ld in experts) // 2
+
+    def prediction(where):
+        return predict(loads, where, device, f, 6)
+
+    def speed(where):
+        return prediction(where).decode_tps
+
+    aware = P.greedy(loads, budget, lambda ld: P.gpu_value(ld, device, f))
+    by_density = P.greedy(loads, budget)
+    q2k = [ld for ld in experts if ld.ggml_type.lower() == "q2_k"]
+    assert all(aware[ld.name] == "gpu" for ld in q2k) and not all(by_density[ld.name] == "gpu" for ld in q2k)
+    for where in (aware, by_density):
+        assert sum(ld.n_bytes for ld in loads if where[ld.name] == "gpu") <= budget
+    values = [P.density, lambda ld: P.gpu_value(ld, device, f)]
+    # In a 30B, one expert tensor's reads on the CPU cost about 5 splits (0.26 ms vs 47 us on the H100); in this
+    # small model they cost less than one, so the spread-out layout loses and density's is kept ...
+    assert speed(aware) < speed(by_density)
+    assert P.choose_layout(loads, budget, values, prediction) == P.drop_costly_partials(loads, by_density, prediction)
+    # ... and with splits priced at the 30B's ratio the types decide
+    f.split_s = 2e-6
+    assert speed(aware) > speed(by_density) * 1.05
+    chosen = P.choose_layout(loads, budget, values, prediction)
+    assert speed(chosen) >= speed(aware) and all(chosen[ld.name] == "gpu" for ld in q2k)
+    # with one efficiency for every type, the order is density's, as before
+    f.efficiency = {"cpu:*": 0.9, "gpu:*": 0.8}
+    assert P.greedy(loads, budget, lambda ld: P.gpu_value(ld, device, f)) == by_density
