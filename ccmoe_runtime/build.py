@@ -23,8 +23,9 @@ _PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines: list[str],
              imatrix: Path | None = None, overrides: list[str] = (), threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> Path:
-    """Run llama-quantize into a temporary file beside `out` and rename it on success (nothing left on failure)."""
+             progress: Callable[[int, int], None] | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Run llama-quantize into a temporary file beside `out` and rename it on success (nothing left on failure).
+    `flags`: more llama-quantize options (`--pure`, `--allow-requantize`)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.part")
     types_file = out.with_name(f".{out.name}.types")
@@ -36,7 +37,7 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
         cmd += ["--tensor-type-file", str(types_file)]
     for kv in overrides:
         cmd += ["--override-kv", kv]
-    cmd += [str(model), str(tmp), base_type] + ([str(threads)] if threads else [])
+    cmd += [*flags, str(model), str(tmp), base_type] + ([str(threads)] if threads else [])
     tail: collections.deque[str] = collections.deque(maxlen=8)
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:

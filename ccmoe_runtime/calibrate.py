@@ -28,6 +28,11 @@ from .synth import SynthSpec, write_random_gguf
 
 TINY_LAYERS = (2, 12)
 N_PROMPT, N_GEN = 512, 64
+# Types calibrated from a generated Q8_0 model requantized by llama-quantize (`--pure`: every weight in the type),
+# by the file type that produces them; types that need an imatrix (IQ1-IQ3_XXS, Q2_K_S) are not among them.
+QUANTIZED_TYPES = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K",
+                   "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "iq3_s": "IQ3_S", "iq4_nl": "IQ4_NL",
+                   "iq4_xs": "IQ4_XS"}
 
 
 @dataclass
@@ -56,26 +61,52 @@ def wide_spec(n_layer: int) -> SynthSpec:
 def medium_spec(size_mb: int, qtype: str, wide: bool) -> SynthSpec:
     """A qwen3moe of about `size_mb` MB in `qtype` (wider layers on GPU hosts)."""
     n_embd, n_ff = (2048, 1024) if wide else (1024, 512)
-    bytes_per_weight = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[qtype]
-    per_layer = (3 * n_embd * n_ff * 32 + 2 * n_embd * 2048 + 2 * n_embd * 512) * bytes_per_weight
+    per_layer = (3 * n_embd * n_ff * 32 + 2 * n_embd * 2048 + 2 * n_embd * 512) * bytes_per_weight(qtype)
     layers = max(2, round(size_mb * 1e6 / per_layer))
     return SynthSpec(arch="qwen3moe", name=f"cal-medium-{qtype}", n_embd=n_embd, n_layer=layers, n_head=16,
                      n_head_kv=4, head_dim=128, n_expert=32, n_expert_used=4, n_ff_exp=n_ff, seed=12)
 
 
-def make_models(folder: Path, size_mb: int, types: list[str], wide: bool) -> list[CalModel]:
-    """Generate the calibration models (Q8_0 tiny ones, one medium one per type)."""
+def bytes_per_weight(qtype: str) -> float:
+    """Bytes a weight of `qtype` takes (ggml's block size and bytes per block)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]]
+    return size / block
+
+
+def make_models(folder: Path, size_mb: int, types: list[str], wide: bool, engine: Engine | None = None
+                ) -> list[CalModel]:
+    """Generate the calibration models (Q8_0 tiny ones, one medium one per type; QUANTIZED_TYPES through
+    llama-quantize from a Q8_0 model of as many weights)."""
     out = []
     specs = [(f"tiny{n}", tiny_spec(n), "q8_0") for n in TINY_LAYERS]
     if wide:
         specs += [(f"wide{n}", wide_spec(n), "q8_0") for n in TINY_LAYERS]
     specs += [(f"medium-{t}", medium_spec(size_mb, t, wide), t) for t in types]
     for role, spec, qtype in specs:
-        path = write_random_gguf(spec, folder / f"{spec.name}.gguf", force=True, qtype=qtype)
+        path = folder / f"{spec.name}.gguf"
+        if qtype in QUANTIZED_TYPES:
+            path = requantized(engine, write_random_gguf(spec, folder / f"{spec.name}-q8_0.gguf", force=True,
+                                                         qtype="q8_0"), path, qtype)
+        else:
+            path = write_random_gguf(spec, path, force=True, qtype=qtype)
         inv = read_gguf(path)
         s = summarize(inv)
         out.append(CalModel(role, path, qtype, tensor_loads(inv), s.n_layers, len(s.moe_layers)))
     return out
+
+
+def requantized(engine: Engine | None, source: Path, out: Path, qtype: str) -> Path:
+    """`source` (Q8_0) with every weight requantized to `qtype` by llama-quantize; the source is removed."""
+    from .build import quantize
+
+    if engine is None:
+        raise CcmoeError(f"calibrating {qtype} needs llama-quantize", "pass the engine to make_models")
+    try:
+        return quantize(engine, source, out, QUANTIZED_TYPES[qtype], [], flags=("--allow-requantize", "--pure"))
+    finally:
+        source.unlink(missing_ok=True)
 
 
 def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int,
@@ -321,7 +352,7 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ccmoe-calibrate-") as tmp:
         say(f"generating calibration models ({size_mb} MB each: {', '.join(types)})")
-        models = make_models(Path(tmp), size_mb, types, wide=main == "gpu")
+        models = make_models(Path(tmp), size_mb, types, wide=main == "gpu", engine=engine)
         say("llama-bench: all layers on the " + main.upper())
         full = run_bench(engine, models, ["-ngl", "99" if main == "gpu" else "0"], reps, threads)
         split, cpu_choice, cpu_tried = None, None, {}

@@ -527,7 +527,23 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
                      flash_attn=_flash(device, kv_type), n_gpu_layers=999 if cx.main == "gpu" else 0,
                      threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
                      predicted=pred, predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
-                     factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid))
+                     factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid),
+                     notes=uncalibrated_types(cx.loads, where, factors))
+
+
+def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: Factors) -> list[str]:
+    """A note naming the weight types this host's calibration did not measure in the pool that holds them (their
+    speed is the profile's guess), with the command that measures them."""
+    if not factors.source.startswith("measured"):
+        return []
+    missing = sorted({ld.ggml_type.lower() for ld in loads if ld.ggml_type.lower() != "f32"
+                      and f"{where.get(ld.name, 'gpu')}:{ld.ggml_type.lower()}" not in factors.efficiency
+                      and ld.n_bytes * ld.read_share > 0})
+    if not missing:
+        return []
+    measured = sorted({k.split(":")[1] for k in factors.efficiency})
+    return [f"no calibrated speed for {', '.join(missing)} on this host (guessed from the profile): "
+            f"`ccmoe-run calibrate --types {','.join(measured + missing)}` measures them"]
 
 
 def _load_mode(settings: Settings, factors: Factors, hybrid: bool) -> str:

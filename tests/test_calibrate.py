@@ -84,19 +84,34 @@ def test_wide_layers_cost_what_the_wide_pair_measures_and_not_bandwidth(gpu_cal_
 
 def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundled_model, tmp_path):
     out = tmp_path / "host.json"
-    result = run_cli("calibrate", "--device", "auto", "--size-mb", "20", "--types", "q8_0", "--reps", "1",
+    result = run_cli("calibrate", "--device", "auto", "--size-mb", "20", "--types", "q8_0,q4_k", "--reps", "1",
                      "-t", "2", "-o", str(out), "--json", check=True, timeout=600)
     doc = json.loads(out.read_text())
     assert doc["schema"].endswith(HOST_PROFILE_KIND) and doc["version"] == 1 and doc["backend"] == "cpu"
     assert doc["factors"]["efficiency"].get("cpu:q8_0", 0) > 0 and doc["factors"]["token_s"] >= 0
-    assert {"tiny2/tg/full", "tiny12/tg/full", "medium-q8_0/pp/full"} <= set(doc["runs"])
+    assert doc["factors"]["efficiency"].get("cpu:q4_k", 0) > 0          # made by llama-quantize, measured alike
+    assert {"tiny2/tg/full", "tiny12/tg/full", "medium-q8_0/pp/full", "medium-q4_k/tg/full"} <= set(doc["runs"])
     assert json.loads(result.stdout)["path"] == str(out)
     factors = load_factors(get_profile("auto"), out)
     assert factors.source.startswith("measured") and factors.efficiency == doc["factors"]["efficiency"]
     placed = run_cli("place", str(bundled_model), "--device", "auto", "--host-profile", str(out), check=True)
     assert f"speed factors from measured ({out})" in placed.stdout
-    bad = run_cli("calibrate", "--types", "q3_k", "-o", str(tmp_path / "x.json"))
-    assert bad.returncode == 2 and "cannot calibrate type" in bad.stderr
+    # the bundled model is F16, which this calibration did not measure: place says so and how to measure it
+    assert "no calibrated speed for f16 on this host" in placed.stdout
+    assert "`ccmoe-run calibrate --types q4_k,q8_0,f16`" in placed.stdout
+    bad = run_cli("calibrate", "--types", "iq2_xxs", "-o", str(tmp_path / "x.json"))    # needs an imatrix
+    assert bad.returncode == 2 and "cannot calibrate type 'iq2_xxs'" in bad.stderr and "q2_k" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_quantized_calibration_models_hold_every_weight_in_their_type(engine, tmp_path):
+    models = make_models(tmp_path, 80, ["q2_k", "iq4_xs"], wide=False, engine=engine)
+    for m in (m for m in models if m.role.startswith("medium")):
+        weights = {ld.ggml_type.lower() for ld in m.loads if ld.cls not in ("norm", "router")}   # F32 as llama.cpp keeps them
+        assert weights == {m.qtype}, (m.role, weights)
+        size = sum(ld.n_bytes for ld in m.loads)
+        assert 0.6 * 80e6 < size < 1.5 * 80e6               # about the 80 MB asked for, in the type's own bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(m.path.name for m in models)   # no Q8_0 sources left
 
 
 # Experts on the CPU of the H100 host, medium models, tokens/s (benchmarks/results/placement-h100-*host-profile.json):
