@@ -29,10 +29,13 @@ from .synth import SynthSpec, write_random_gguf
 TINY_LAYERS = (2, 12)
 N_PROMPT, N_GEN = 512, 64
 # Types calibrated from a generated Q8_0 model requantized by llama-quantize (`--pure`: every weight in the type),
-# by the file type that produces them; types that need an imatrix (IQ1-IQ3_XXS, Q2_K_S) are not among them.
+# by the file type that produces them. Those llama-quantize makes only with an imatrix get a flat one
+# (`write_flat_imatrix`): random weights have no important columns, and only their speed is measured.
 QUANTIZED_TYPES = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K",
                    "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "iq3_s": "IQ3_S", "iq4_nl": "IQ4_NL",
-                   "iq4_xs": "IQ4_XS"}
+                   "iq4_xs": "IQ4_XS", "iq1_s": "IQ1_S", "iq1_m": "IQ1_M", "iq2_xxs": "IQ2_XXS", "iq2_xs": "IQ2_XS",
+                   "iq2_s": "IQ2_S", "iq3_xxs": "IQ3_XXS"}
+NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
 
 
 @dataclass
@@ -103,10 +106,38 @@ def requantized(engine: Engine | None, source: Path, out: Path, qtype: str) -> P
 
     if engine is None:
         raise CcmoeError(f"calibrating {qtype} needs llama-quantize", "pass the engine to make_models")
+    imatrix = write_flat_imatrix(source, source.with_suffix(".imatrix.gguf")) if qtype in NEEDS_IMATRIX else None
     try:
-        return quantize(engine, source, out, QUANTIZED_TYPES[qtype], [], flags=("--allow-requantize", "--pure"))
+        return quantize(engine, source, out, QUANTIZED_TYPES[qtype], [], imatrix=imatrix,
+                        flags=("--allow-requantize", "--pure"))
     finally:
         source.unlink(missing_ok=True)
+        if imatrix:
+            imatrix.unlink(missing_ok=True)
+
+
+def write_flat_imatrix(model: Path, out: Path) -> Path:
+    """A GGUF imatrix in llama-imatrix's format that weighs every column of every weight matrix alike (one call,
+    every expert counted once): what lets llama-quantize make IQ1/IQ2 types of a random calibration model."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(out), "imatrix")
+    w.add_array("imatrix.datasets", ["ccmoe-calibrate (flat)"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", N_PROMPT)
+    for t in gguf.GGUFReader(str(model)).tensors:
+        shape = [int(x) for x in t.shape]              # ggml order: columns first
+        if len(shape) < 2 or not t.name.endswith(".weight"):
+            continue
+        n_mat = shape[2] if len(shape) == 3 else 1
+        w.add_tensor(f"{t.name}.in_sum2", np.ones((n_mat, shape[0]), dtype=np.float32))
+        w.add_tensor(f"{t.name}.counts", np.ones((n_mat,), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
 
 def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int,

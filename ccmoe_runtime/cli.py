@@ -801,7 +801,7 @@ def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, load_
               help="Host profile to write (default: the cache's, which serve and place then use).")
 @click.option("--size-mb", type=int, default=None, help="Size of each medium model (default: 1500 on GPUs, 200 on CPUs).")
 @click.option("--types", default=None, help="Weight types to measure, comma-separated (default: q8_0,q4_0 on GPUs, "
-                                            "f16,q8_0,q4_0 on CPUs; K and IQ4 types such as q4_k, q2_k, iq4_xs "
+                                            "f16,q8_0,q4_0 on CPUs; K and IQ types such as q4_k, q2_k, iq2_xxs "
                                             "are made with llama-quantize).")
 @click.option("--reps", "-r", type=int, default=3, show_default=True, help="llama-bench repetitions.")
 @click.option("--threads", "-t", type=int, default=None, help="Threads (default: llama-bench's).")
@@ -821,8 +821,7 @@ def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, as_json
     for t in type_list or []:
         if t not in SYNTH_TYPES + tuple(QUANTIZED_TYPES):
             raise CcmoeError(f"cannot calibrate type {t!r}",
-                             f"choose from {', '.join(SYNTH_TYPES + tuple(QUANTIZED_TYPES))} (types that need an "
-                             "imatrix take the nearest of these)")
+                             f"choose from {', '.join(SYNTH_TYPES + tuple(QUANTIZED_TYPES))}")
     profile = get_profile(device)
     eng = find_engine(None if llama_cpp_dir else profile.backend, llama_cpp_dir)
     out = out or host_profile_path(profile, eng.backend)

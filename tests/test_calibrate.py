@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import pytest
 
+import ccmoe_runtime.calibrate as C
 from ccmoe_runtime.calibrate import N_PROMPT, fit_factors, make_models
+from ccmoe_runtime.inventory import read_gguf
 from ccmoe_runtime.costmodel import HOST_PROFILE_KIND, default_factors, load_factors, predict
 from ccmoe_runtime.devices import get_profile
 from conftest import run_cli
@@ -99,9 +102,23 @@ def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundl
     # the bundled model is F16, which this calibration did not measure: place says so and how to measure it
     assert "no calibrated speed for f16 on this host" in placed.stdout
     assert "`ccmoe-run calibrate --types q4_k,q8_0,f16`" in placed.stdout
-    bad = run_cli("calibrate", "--types", "iq2_xxs", "-o", str(tmp_path / "x.json"))    # needs an imatrix
-    assert bad.returncode == 2 and "cannot calibrate type 'iq2_xxs'" in bad.stderr and "q2_k" in bad.stderr
+    bad = run_cli("calibrate", "--types", "q8_0,fp8", "-o", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "cannot calibrate type 'fp8'" in bad.stderr and "iq2_xxs" in bad.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_types_that_need_an_imatrix_are_made_with_a_flat_one(engine, tmp_path):
+    from ccmoe_runtime.calibrate import requantized, tiny_spec
+    from ccmoe_runtime.synth import write_random_gguf
+
+    source = write_random_gguf(tiny_spec(2), tmp_path / "tiny-q8_0.gguf", qtype="q8_0")
+    imatrix = C.write_flat_imatrix(source, tmp_path / "flat.imatrix.gguf")
+    entries = {t.name for t in gguf.GGUFReader(str(imatrix)).tensors}
+    assert "blk.0.ffn_down_exps.weight.in_sum2" in entries and "blk.1.attn_q.weight.counts" in entries
+    out = requantized(engine, source, tmp_path / "tiny-iq1_s.gguf", "iq1_s")
+    types = {t.name: t.ggml_type for t in read_gguf(out).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "IQ1_S" and types["blk.1.attn_output.weight"] == "IQ1_S"
+    assert not source.exists() and not (tmp_path / "tiny-q8_0.imatrix.gguf").exists()   # nothing left behind
 
 
 def test_quantized_calibration_models_hold_every_weight_in_their_type(engine, tmp_path):
