@@ -810,11 +810,10 @@ def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, load_
 def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, as_json) -> None:
     """Measure this host's decode efficiency, per-layer and split costs, prompt throughput and link speed with
     llama-bench on generated models; serve and place use them."""
-    from .calibrate import calibrate as run_calibration
+    from .calibrate import QUANTIZED_TYPES, calibrate as run_calibration
     from .costmodel import host_profile_path
     from .devices import get_profile
     from .engine import find_engine
-    from .calibrate import QUANTIZED_TYPES
     from .synth import SYNTH_TYPES
 
     type_list = [t.strip().lower() for t in types.split(",")] if types else None

@@ -537,6 +537,7 @@ def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: 
     if not factors.source.startswith("measured"):
         return []
     missing = sorted({ld.ggml_type.lower() for ld in loads if ld.ggml_type.lower() != "f32"
+                      and not ld.name.startswith("token_embd.")          # one row read per token
                       and f"{where.get(ld.name, 'gpu')}:{ld.ggml_type.lower()}" not in factors.efficiency
                       and ld.n_bytes * ld.read_share > 0})
     if not missing:
