@@ -122,7 +122,7 @@ def reps_for(warm: dict, min_round_s: float) -> int:
 def processes_for(warm: dict, reps: int) -> int:
     """Processes a round's repetitions are split over: as many as keep MIN_REPS each and cost no more start-up
     time than the round's work (up to MAX_PROCESSES). Some speed is fixed per process: on an H100 the bundled
-    model's pp512 sat near 245k or near 340k tok/s for a whole process, whatever its threads or pinning, and the
+    model's pp512 sat near 245k or near 340k tok/s for most whole processes, whatever threads or pinning, and the
     best of several processes is steady where one is a draw. A large model's load time keeps it at one."""
     per_rep = seconds_per_rep(warm)
     start_up = max(warm["wall_s"] - len(warm["tg"]) * per_rep, 0.05)
