@@ -42,8 +42,9 @@ gpu_unpack_carried_engine() {
   local parts=(.carry/engine-cuda.tar.xz.part-*) bench dir
   [ -f "${parts[0]}" ] || return 0
   mkdir -p "$W/cache/engines"
-  cat "${parts[@]}" | xz -dc | tar xf - -C "$W/cache/engines" || { say "the carried engine did not unpack"; return 0; }
-  dir=$(cat "${parts[@]}" | xz -dc | tar tf - | head -1 | cut -d/ -f1)
+  cat "${parts[@]}" | xz -dc | tar xvf - -C "$W/cache/engines" > "$W/carried-engine.list" \
+    || { say "the carried engine did not unpack"; return 0; }
+  dir=$(head -1 "$W/carried-engine.list" | cut -d/ -f1)
   bench="$W/cache/engines/$dir/bin/llama-bench"
   if "$bench" -m models/ccmoe-mini-moe-f16.gguf -ngl 0 -p 32 -n 4 -r 1 -o csv > "$W/carried-engine-check.log" 2>&1; then
     say "carried engine $dir runs here; the build below reuses it"

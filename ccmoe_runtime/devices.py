@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -235,7 +234,3 @@ def profile_from_facts(f: HostFacts) -> DeviceProfile:
 
 def detect_host() -> DeviceProfile:
     return profile_from_facts(read_host())
-
-
-def facts_to_json(f: HostFacts) -> str:
-    return json.dumps(asdict(f), indent=1)

@@ -324,22 +324,3 @@ def train_bundled(out_path: Path, cfg: TrainConfig, engine, corpus, progress=Non
     export_gguf(model, vocab, cfg, out_path, info)
     return {**info, "train_seconds": seconds, "log": log,
             "sha256": hashlib.sha256(Path(out_path).read_bytes()).hexdigest()}
-
-
-def load_gguf_model(path: Path, cfg: TrainConfig):
-    """The torch model of a GGUF written by export_gguf (its weights, as stored)."""
-    import gguf
-
-    torch = _torch()
-    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(str(path)).tensors}
-    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
-    for i in range(cfg.n_layer):
-        for ours, theirs in (("attn_norm.weight", "attn_norm"), ("wq.weight", "attn_q"), ("wk.weight", "attn_k"),
-                             ("wv.weight", "attn_v"), ("wo.weight", "attn_output"), ("q_norm.weight", "attn_q_norm"),
-                             ("k_norm.weight", "attn_k_norm"), ("ffn_norm.weight", "ffn_norm"),
-                             ("router.weight", "ffn_gate_inp"), ("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"),
-                             ("down", "ffn_down_exps")):
-            names[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}.weight"
-    model = build_model(cfg)
-    model.load_state_dict({k: torch.from_numpy(tensors[v]) for k, v in names.items()})
-    return model.eval()
