@@ -6,7 +6,8 @@
 # gpu_placement.sh, i.e. issue 4's comparison with alternating rounds); MIN_ROUND_S passes --min-round-s, THREADS -t.
 # A call is limited to 600 s: PREPARE_ONLY=1 stops after the build, the models and calibration, so that a second
 # call on the still-warm machine (within 30 s) spends its time on the bench alone. PREGEN names models to generate now
-# for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled). PIN_PROBE=1 adds gpu_launch_probe (gpu_common.sh): the
+# for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled); "49b" is a 40-layer qwen3moe with 1536-wide experts in
+# llama.cpp's own Q4_K_M mix (29.7 GB; gpu_mixed.sh). CAL_TYPES sets calibrate --types. PIN_PROBE=1 adds gpu_launch_probe (gpu_common.sh): the
 # bundled model's pp512 in separate processes at several thread counts and pinned, to tell where its spread comes from.
 source benchmarks/gpu_common.sh
 gpu_log gpu_bench.log
@@ -17,6 +18,7 @@ for m in $MODELS ${PREGEN:-}; do
   case $m in
     10b) gpu_generate "$W/qwen3moe-10b-q8_0.gguf" 16 10 ;;
     30b) gpu_generate "$W/qwen3moe-30b-q8_0.gguf" 48 30 ;;
+    49b) gpu_generate "$W/qwen3moe-49b-q4_k_m.gguf" 40 49 1536 benchmarks/mixes/qwen3moe-40-q4_k_m.txt ;;
   esac
 done
 
@@ -29,12 +31,13 @@ if [ -f "$HOST_PROFILE" ]; then
   say "host profile from an earlier calibration: $HOST_PROFILE"; cp "$HOST_PROFILE" "$OUT/host-profile.json"
 else
   say "calibrating"
-  python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 --json > "$OUT/host-profile.json" || say "calibrate failed"
+  python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 ${CAL_TYPES:+--types "$CAL_TYPES"} --json \
+    > "$OUT/host-profile.json" || say "calibrate failed"
 fi
 [ -n "${PIN_PROBE:-}" ] && gpu_launch_probe
 [ -n "${PREPARE_ONLY:-}" ] && { say "prepared (engine, models, host profile); PREPARE_ONLY set, no bench"; exit 0; }
 for m in $MODELS; do
-  case $m in 10b|30b) m="$W/qwen3moe-$m-q8_0.gguf" ;; esac
+  case $m in 10b|30b) m="$W/qwen3moe-$m-q8_0.gguf" ;; 49b) m="$W/qwen3moe-49b-q4_k_m.gguf" ;; esac
   name=$(basename "$m" .gguf)
   say "bench $name"
   python3 -m ccmoe_runtime.cli bench --device auto --model "$m" --runs "${RUNS:-5}" --min-round-s "${MIN_ROUND_S:-5}" \

@@ -78,15 +78,19 @@ gpu_hold_memory() {
 }
 
 # A generated Qwen3-30B-A3B-shaped qwen3moe (2048 wide, 128 experts, top 8) of N layers, written as Q8_0 in the
-# background (the CUDA build runs meanwhile): gpu_generate MODEL LAYERS SEED (as often as needed); then gpu_generated.
+# background (the CUDA build runs meanwhile): gpu_generate MODEL LAYERS SEED [EXPERT_FF TYPES_FILE] (as often as
+# needed); then gpu_generated. EXPERT_FF widens the experts (768 by default); TYPES_FILE gives per-tensor types
+# (regex=type lines, e.g. llama.cpp's Q4_K_M mix from benchmarks/llama_mix.py).
 GEN_PIDS=""
 gpu_generate() {
-  local model=$1
+  local model=$1 types=()
+  [ -n "${5:-}" ] && types=(--type q4_k --tensor-types "$5")
+  [ ${#types[@]} -eq 0 ] && types=(--type q8_0)
   if [ ! -f "$model" ]; then
     say "generating $model in the background"
-    python3 -m ccmoe_runtime.synth --type q8_0 -o "$model" --arch qwen3moe --name "$(basename "$model" .gguf)" \
+    python3 -m ccmoe_runtime.synth "${types[@]}" -o "$model" --arch qwen3moe --name "$(basename "$model" .gguf)" \
       --n-embd 2048 --n-layer "$2" --n-head 32 --n-head-kv 4 --head-dim 128 --n-expert 128 --n-expert-used 8 \
-      --n-ff-exp 768 --vocab-size 512 --seed "$3" > "$model.log" 2>&1 &
+      --n-ff-exp "${4:-768}" --vocab-size 512 --seed "$3" > "$model.log" 2>&1 &
     GEN_PIDS="$GEN_PIDS $!"
   fi
 }

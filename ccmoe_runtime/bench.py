@@ -140,7 +140,7 @@ def bench_round(engine: Engine, model: Path, args: list[str], reps: int, process
 
 
 def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None,
-               load_mode: str | None = None) -> dict:
+               load_mode: str | None = None, cpu_repack: bool | None = None) -> dict:
     """Name -> llama-bench flags: ccmoe's placement and, on a GPU, llama.cpp's --fit, exps=CPU and all-on-GPU."""
     from .costmodel import load_factors
     from .inventory import read_gguf
@@ -151,7 +151,8 @@ def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int 
     base_threads = threads or min(device.threads, environment_threads())   # a profile's count may exceed this host's
     inv = read_gguf(model)
     p = place(inv, device, load_factors(device), Settings(ctx=N_PROMPT, kv_type="f16", depth=N_GEN // 2,
-                                                          n_prompt=N_PROMPT, threads=threads, load_mode=load_mode),
+                                                          n_prompt=N_PROMPT, threads=threads, load_mode=load_mode,
+                                                          cpu_repack=cpu_repack),
               engine, model,
               trial=device.backend == "cuda")
     reads = {k: v for k, v in p.predicted_empty.seconds_per_token.items() if k not in ("fixed", "splits")}
@@ -187,7 +188,8 @@ def best_n_cpu_moe(engine: Engine, model: Path, n_moe_layers: int, start: int, t
 
 
 def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
-              progress=None, min_round_s: float = MIN_ROUND_S, load_mode: str | None = None) -> dict:
+              progress=None, min_round_s: float = MIN_ROUND_S, load_mode: str | None = None,
+              cpu_repack: bool | None = None) -> dict:
     """Every contender `runs` times, alternating (each round runs all of them once), with medians and spread.
 
     A warm-up round (not counted) times each contender and sets its repetitions per round, so that a round's
@@ -199,7 +201,7 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
     if runs < 1:
         raise CcmoeError(f"--runs {runs} is not a positive count", "pass --runs 3 or more", EXIT_USAGE)
     say = progress or (lambda _msg: None)
-    found = contenders(engine, model, device, threads, load_mode)
+    found = contenders(engine, model, device, threads, load_mode, cpu_repack)
     if device.backend != "cpu":
         s = summarize(read_gguf(model))
         start = found["ccmoe"]["cpu_expert_layers"]          # search llama.cpp's layer count from ccmoe's

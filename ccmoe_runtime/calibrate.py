@@ -262,18 +262,26 @@ def fit_factors(device: DeviceProfile, models: list[CalModel], full: dict, split
         f.efficiency[f"{main}:{t}"] = round(1.0 / (x * bw), 4)
     f.pp_batch_s, f.pp_layer_s, f.pp_flops[main] = fit_prompt(models, full, f.pp_flops[main])
     if split:
-        cpu_bw = pool_bandwidth(device, "cpu")
-        f.split_s, cpu_per_byte = fit_split(models, split, f, s_per_byte, 1.0 / (cpu_bw * f.eff("cpu", "q8_0")))
-        for t, x in cpu_per_byte.items():
-            f.efficiency[f"cpu:{t}"] = round(1.0 / (x * cpu_bw), 4)
-        for m in (m for m in models if m.role.startswith("medium")):
-            extra = (split[(m.role, "pp")] - full[(m.role, "pp")]) * N_PROMPT - m.n_moe_layers * f.split_s
-            if extra > 0:
-                f.offload_gbs[m.qtype] = round(sum(ld.n_bytes for ld in m.loads if ld.cls == "routed_expert")
-                                               / extra / 1e9, 2)
+        f.split_s, cpu_eff, f.offload_gbs = fit_host_weights(device, models, full, split, f, s_per_byte)
+        f.efficiency.update(cpu_eff)
         if f.offload_gbs:
             f.link_gbs = max(f.offload_gbs.values())
     return f
+
+
+def fit_host_weights(device: DeviceProfile, models: list[CalModel], full: dict, split: dict, f: Factors,
+                     gpu_s_per_byte: dict[str, float]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """From runs with the experts in host memory: seconds per split, each type's CPU decode efficiency
+    ("cpu:TYPE") and the rate (GB/s) at which its prompt batches cost extra time."""
+    cpu_bw = pool_bandwidth(device, "cpu")
+    split_s, cpu_per_byte = fit_split(models, split, f, gpu_s_per_byte, 1.0 / (cpu_bw * f.eff("cpu", "q8_0")))
+    efficiency = {f"cpu:{t}": round(1.0 / (x * cpu_bw), 4) for t, x in cpu_per_byte.items()}
+    offload = {}
+    for m in (m for m in models if m.role.startswith("medium")):
+        extra = (split[(m.role, "pp")] - full[(m.role, "pp")]) * N_PROMPT - m.n_moe_layers * split_s
+        if extra > 0:
+            offload[m.qtype] = round(sum(ld.n_bytes for ld in m.loads if ld.cls == "routed_expert") / extra / 1e9, 2)
+    return split_s, efficiency, offload
 
 
 class GpuPeak:
@@ -359,6 +367,25 @@ def measure_cpu_settings(engine: Engine, models: list[CalModel], reps: int, thre
     return tried[best], best, record
 
 
+HOST_BUFFER_BACKENDS = ("cuda", "hip")    # GPU backends whose pinned host buffers --no-host bypasses
+
+
+def measure_repack(engine: Engine, device: DeviceProfile, models: list[CalModel], full: dict, f: Factors,
+                   choice: tuple[str, int], reps: int, say) -> tuple[dict, dict]:
+    """The experts in host memory again, in llama.cpp's CPU buffers instead of pinned ones (`--no-host 1`: the
+    CPU kernels' repacked layout for the types that have one), at the chosen load mode and threads. Returns
+    Factors.repack (each type's CPU efficiency and prompt-batch rate that way) and the runs."""
+    mode, n = choice
+    say(f"llama-bench: experts on the CPU in llama.cpp's CPU buffers (--no-host 1), load mode {mode}, {n} threads")
+    used = [m for m in models if not m.role.startswith("wide")]
+    args = ["-ngl", "99", "-ot", "exps=CPU", "--no-host", "1"] + (["-lm", mode] if mode != "auto" else [])
+    res = run_bench(engine, used, args, reps, n)
+    bw = pool_bandwidth(device, main_pool(device))
+    gpu_s_per_byte = {k.split(":", 1)[1]: 1.0 / (bw * v) for k, v in f.efficiency.items() if k.startswith("gpu:")}
+    _, efficiency, offload = fit_host_weights(device, used, full, res, f, gpu_s_per_byte)
+    return {"efficiency": efficiency, "offload_gbs": offload}, res
+
+
 def _medium_s(res: dict, kind: str) -> float:
     return sum(t for (role, k), t in res.items() if role.startswith("medium") and k == kind)
 
@@ -394,8 +421,15 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
                 engine, [m for m in models if not m.role.startswith("wide")], reps,
                 threads or min(device.threads, environment_threads()), say)
         factors = fit_factors(device, models, full, split)
+        repack = {}
         if cpu_choice:
             factors.cpu_load_mode, factors.cpu_threads = cpu_choice
+            if engine.backend in HOST_BUFFER_BACKENDS:
+                try:
+                    factors.repack, repack = measure_repack(engine, device, models, full, factors, cpu_choice,
+                                                            reps, say)
+                except CcmoeError as e:         # an engine without --no-host: the lever stays off
+                    say(f"no measurement with llama.cpp's CPU buffers: {e.one_line()}")
         if main == "gpu" and engine.backend == "cuda":
             measured = gpu_overhead(engine, models[0], threads)
             if measured is not None:
@@ -405,7 +439,8 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path, size_mb: int | N
     extra = {"device": device.name, "backend": engine.backend, "engine": engine.key or str(engine.bin_dir),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.monotonic() - started, 1),
              "reps": reps, "threads": threads, "cpu_settings_tried": cpu_tried,
-             "runs": {f"{role}/{kind}/{mode}": round(1.0 / t, 2) for mode, res in (("full", full), ("split", split or {}))
+             "runs": {f"{role}/{kind}/{mode}": round(1.0 / t, 2)
+                      for mode, res in (("full", full), ("split", split or {}), ("split-repack", repack))
                       for (role, kind), t in res.items()},
              "fit": check}
     save_host_profile(out, factors, extra)

@@ -471,6 +471,12 @@ _load_mode_option = click.option(
     help="llama.cpp's load mode (default: what calibration measured best for weights in host memory: `none`, "
          "pinned buffers, makes prompts much faster next to a GPU; `mmap` can decode a few percent faster).")
 
+_cpu_repack_option = click.option(
+    "--cpu-repack/--no-cpu-repack", default=None,
+    help="Experts in host memory next to a GPU in llama.cpp's CPU buffers (its --no-host), repacked for faster CPU "
+         "kernels (Q4_0/Q4_K/IQ4_NL/MXFP4 on x86) but their prompt batches stay on the CPU (default: when "
+         "calibration predicts at least 5% faster decode).")
+
 
 @main.command()
 @click.option("--device", default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
@@ -487,9 +493,10 @@ _load_mode_option = click.option(
 @click.option("--min-round-s", type=float, default=5.0, show_default=True,
               help="Seconds of measured work per contender per round (more repetitions for fast models).")
 @_load_mode_option
+@_cpu_repack_option
 @click.option("--json", "as_json", is_flag=True)
 def bench(device, model, runs, threads, history, no_history, baseline, max_regression, min_round_s, load_mode,
-          as_json) -> None:
+          cpu_repack, as_json) -> None:
     """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
     from .bench import load_baseline, regressions, run_bench
     from .errors import EXIT_REGRESSION
@@ -502,7 +509,7 @@ def bench(device, model, runs, threads, history, no_history, baseline, max_regre
     say = (lambda line: click.echo(line, err=True)) if not as_json else None
     result = run_bench(find_engine(profile.backend if device != "auto" else None), resolve_model_path(model),
                        profile, runs=runs, threads=threads, progress=say, min_round_s=min_round_s,
-                       load_mode=load_mode)
+                       load_mode=load_mode, cpu_repack=cpu_repack)
     if not no_history:
         from .report import append_history
 
@@ -625,6 +632,7 @@ def _placement_options(f):
         click.option("--host-profile", type=click.Path(path_type=Path), default=None,
                      help="Calibration from `ccmoe-run calibrate` (default: this host's, if calibrated)."),
         _load_mode_option,
+        _cpu_repack_option,
         click.option("--trial/--no-trial", default=True, show_default=True,
                      help="CUDA, weights partly in host memory: measure the GPU memory of one short run of the "
                           "placement and place again with it (a few seconds; not with --dry-run)."),
@@ -652,8 +660,8 @@ def _quote(args: list[str]) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the llama-server command line, predicted memory and speed; exit.")
 @click.option("--warmup/--no-warmup", default=True, help="Send one streamed chat request and report tokens/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ready message as JSON.")
-def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file, host_profile, load_mode, trial,
-          llama_cpp_dir, dry_run, warmup, as_json) -> None:
+def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file, host_profile, load_mode, cpu_repack,
+          trial, llama_cpp_dir, dry_run, warmup, as_json) -> None:
     """Start llama-server with an OpenAI-compatible API on MODEL, placed for DEVICE; Ctrl-C stops it."""
     from .devices import get_profile
     from .engine import find_engine
@@ -666,7 +674,7 @@ def serve(device, model, host, port, api_key, parallel, ctx, kv_type, stats_file
     path = resolve_model_path(model)
     if ctx < 16 or parallel < 1:
         raise CcmoeError("--ctx must be at least 16 and --parallel at least 1", "fix the values")
-    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, load_mode=load_mode)
+    settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, load_mode=load_mode, cpu_repack=cpu_repack)
     inv, factors, stats, placement = _placement_for(eng, path, profile, settings, stats_file, host_profile,
                                                     trial and not dry_run)
     cfg = ServerConfig(model=path, host=host, port=port, ctx=ctx, parallel=parallel, threads=placement.threads,
@@ -767,8 +775,8 @@ def _echo_ready(data: dict, placement, warmup: bool) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Save the placement artifact (JSON).")
 @click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
 @click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
-def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, load_mode, trial, ubatch, margin_mb, out,
-          llama_cpp_dir, as_json) -> None:
+def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, load_mode, cpu_repack, trial, ubatch,
+          margin_mb, out, llama_cpp_dir, as_json) -> None:
     """Choose where each tensor of MODEL lives on DEVICE (GPU or CPU memory) and predict the speed."""
     from .devices import get_profile
     from .engine import find_engine
@@ -782,7 +790,8 @@ def place(model, device, ctx, parallel, kv_type, stats_file, host_profile, load_
         eng = None
     path = resolve_model_path(model)
     settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, ubatch=ubatch or 512, ubatch_auto=ubatch is None,
-                        margin_bytes=None if margin_mb is None else margin_mb * MIB, load_mode=load_mode)
+                        margin_bytes=None if margin_mb is None else margin_mb * MIB, load_mode=load_mode,
+                        cpu_repack=cpu_repack)
     placement = _placement_for(eng, path, profile, settings, stats_file, host_profile, trial)[3]
     if out:
         save_placement(placement, out)

@@ -56,6 +56,10 @@ class Factors:
     cpu_load_mode: str = "auto"           # llama.cpp --load-mode for weights in host memory next to a GPU (measured)
     cpu_threads: int | None = None        # threads for CPU-resident weights next to a GPU (measured)
     layer_s_wide: float | None = None     # layer_s of WIDE_WIDTH-wide layers (layer_s is of NARROW_WIDTH ones)
+    # Host-memory experts in llama.cpp's CPU buffers instead of the GPU backend's pinned ones (llama.cpp --no-host):
+    # Q4_0/Q4_K/IQ4_NL/MXFP4 (x86) are then repacked for faster CPU kernels, but prompt batches are no longer copied
+    # to the GPU for them. {"efficiency": {"cpu:q4_k": ...}, "offload_gbs": {...}} as measured that way; empty: not.
+    repack: dict = field(default_factory=dict)
     source: str = "defaults"
 
     def layer_cost(self, width: int | None) -> float:
@@ -74,6 +78,14 @@ class Factors:
         if slow_types and t in [s.lower() for s in slow_types] and f"{where}:{t}" not in self.efficiency:
             value *= SLOW_TYPE_EFFICIENCY
         return value
+
+    def with_repack(self) -> "Factors":
+        """These factors with host-memory weights in llama.cpp's (repacking) CPU buffers, as calibrated."""
+        from dataclasses import replace
+
+        offload = {**self.offload_gbs, **self.repack.get("offload_gbs", {})}
+        return replace(self, efficiency={**self.efficiency, **self.repack.get("efficiency", {})}, offload_gbs=offload,
+                       link_gbs=max(offload.values()) if offload else self.link_gbs)
 
 
 def default_factors(device: DeviceProfile) -> Factors:

@@ -46,6 +46,7 @@ class Settings:
     depth: int | None = None         # context depth the decode prediction is for (default: ctx)
     n_prompt: int = 512
     load_mode: str | None = None     # llama.cpp --load-mode; None: calibration's choice for host-memory weights
+    cpu_repack: bool | None = None   # host-memory weights in llama.cpp's CPU buffers (--no-host); None: when faster
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Placement:
     memory_source: str               # "llama-fit-params" or "estimate" (+ " and a trial run")
     factors_source: str
     load_mode: str = "auto"          # llama.cpp --load-mode (none: host-memory weights in llama.cpp's own buffers)
+    cpu_repack: bool = False         # --no-host: host-memory weights in llama.cpp's CPU buffers, repacked where it can
     notes: list[str] = field(default_factory=list)
 
     def server_args(self) -> list[str]:
@@ -97,7 +99,7 @@ class Placement:
 
     def common_args(self, rule_separator: str = ",") -> list[str]:
         """The placement's flags as every llama.cpp tool spells them (no context, no threads); llama-bench
-        separates -ot rules with ';' instead of ','."""
+        separates -ot rules with ';' instead of ',' and gives --no-host a value."""
         args = ["-ngl", str(self.n_gpu_layers), "-fa", self.flash_attn,
                 "-b", str(self.settings.batch), "-ub", str(self.settings.ubatch)]
         if self.overrides:
@@ -106,6 +108,8 @@ class Placement:
             args += ["-ctk", self.kv_type, "-ctv", self.kv_type]
         if self.load_mode != "auto":
             args += ["-lm", self.load_mode]
+        if self.cpu_repack:
+            args += ["--no-host", "1"] if rule_separator == ";" else ["--no-host"]
         return args
 
     def launch_args(self) -> list[str]:
@@ -469,9 +473,35 @@ def place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings
     `trial`: on CUDA, when weights stay in host memory, measure the GPU memory a run of the placement really takes
     and place again with it (see `tune_by_trial`)."""
     first = _place(inv, device, factors, settings, engine, model, stats)
+    if settings.cpu_repack is not False and first.has_host_weights and (factors.repack or settings.cpu_repack):
+        first, factors, settings = _with_repack(first, inv, device, factors, settings, engine, model, stats)
     if trial and engine is not None and model is not None and engine.backend == "cuda" and first.has_host_weights:
         return tune_by_trial(first, inv, device, factors, settings, engine, model, stats)
     return first
+
+
+REPACK_MIN_GAIN = 1.05    # llama.cpp's CPU buffers only when they buy at least 5% predicted decode speed
+
+
+def _with_repack(first: Placement, inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
+                 engine: Engine | None, model: Path | None, stats: dict | None
+                 ) -> tuple[Placement, Factors, Settings]:
+    """The placement with host-memory weights in llama.cpp's CPU buffers (--no-host: repacked for the CPU
+    kernels where the type has a repacked layout, but prompt batches no longer copied to the GPU for them), when
+    asked, or when calibration predicts at least REPACK_MIN_GAIN more decode speed; with its factors and settings."""
+    f2, s2 = factors.with_repack(), replace(settings, cpu_repack=True)
+    second = _place(inv, device, f2, s2, engine, model, stats)
+    a, b = first.predicted_empty, second.predicted_empty
+    compared = (f"predicted decode {b.decode_tps:.1f} vs {a.decode_tps:.1f} tok/s, prompt {b.prompt_tps:,.0f} vs "
+                f"{a.prompt_tps:,.0f} tok/s with pinned buffers")
+    if settings.cpu_repack:
+        second.notes.append(f"--no-host as asked: {compared}")
+        return second, f2, s2
+    if b.decode_tps >= a.decode_tps * REPACK_MIN_GAIN:
+        second.notes.append(f"--no-host: host-memory experts in llama.cpp's CPU buffers, repacked for its CPU "
+                            f"kernels ({compared}; --no-cpu-repack keeps the pinned ones)")
+        return second, f2, s2
+    return first, factors, settings
 
 
 def _place(inv: ModelInventory, device: DeviceProfile, factors: Factors, settings: Settings,
@@ -528,7 +558,7 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
                      threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
                      predicted=pred, predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
                      factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid),
-                     notes=uncalibrated_types(cx.loads, where, factors))
+                     cpu_repack=bool(settings.cpu_repack) and hybrid, notes=uncalibrated_types(cx.loads, where, factors))
 
 
 def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: Factors) -> list[str]:
@@ -719,6 +749,7 @@ def summary_lines(p: Placement) -> list[str]:
 def repredict(p: Placement, inv: ModelInventory, device: DeviceProfile, factors: Factors, n_prompt: int, depth: int,
               stats: dict | None = None) -> Prediction:
     """The placement's predicted speed for another prompt length and context depth (e.g. a warm-up request)."""
+    factors = factors.with_repack() if p.cpu_repack else factors
     return predict(tensor_loads(inv, stats), p.tensors, device, factors, summarize(inv).n_layers,
                    kv_bytes_per_token(inv, KV_TYPES[p.kv_type]), depth, max(n_prompt, 1), p.settings.ubatch,
                    main_pool(device))

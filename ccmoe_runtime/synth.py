@@ -162,19 +162,19 @@ def _tensor_data(name: str, shape: tuple[int, ...], s: SynthSpec, rng: np.random
 
 
 def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_tensors: int = 0,
-                      qtype: str = "f16") -> Path:
+                      qtype: str = "f16", rules: list[tuple[str, str]] | None = None) -> Path:
     """A deterministic random-weight MoE GGUF (F16 weights, F32 norms) that llama.cpp loads and runs.
 
     With `split_max_tensors` it is written as shards (`NAME-00001-of-0000N.gguf`); the first is returned.
-    With `qtype` q8_0 or q4_0 the weights are written directly as random blocks of that type (see
-    `write_quantized_gguf`), so a model of tens of GB needs neither an F16 copy nor the memory for one."""
+    With another `qtype` (Q8_0, K, IQ ...) or per-tensor `rules` the weights are written directly as random blocks
+    (see `write_quantized_gguf`), so a model of tens of GB needs neither an F16 copy nor the memory for one."""
     import gguf
 
     path = Path(path)
     if path.exists() and not force:
         raise CcmoeError(f"{path} already exists", "pass --force to overwrite it")
-    if qtype != "f16":
-        return write_quantized_gguf(s, path, qtype)
+    if qtype != "f16" or rules:
+        return write_quantized_gguf(s, path, qtype, rules)
     layout = tensor_layout(s)
     rng = np.random.default_rng(s.seed)
     u = rng.standard_normal(s.n_embd).astype(np.float32)
@@ -202,69 +202,141 @@ def write_random_gguf(s: SynthSpec, path: Path, force: bool = False, split_max_t
 
 # ---------------------------------------------------------------- quantized generation
 
-SYNTH_TYPES = ("f16", "q8_0", "q4_0")
-# Standard deviation of one quant times its block scale: uniform int8 in [-127, 127], and (nibble - 8) in [-8, 7].
-_QUANT_STD = {"q8_0": 73.6, "q4_0": 4.61}
-_POOL_BLOCKS = 1 << 20          # random blocks drawn once and reused (shifted) for every tensor
-_CHUNK_BLOCKS = 1 << 20         # blocks written per call
+# Types written directly as random blocks: every quant, sub-scale and grid index a random byte (all are valid), the
+# block's scale fields set so that the weights have the wanted standard deviation (measured once per type with
+# gguf-py's dequantizer). Byte offsets of the f16 scale fields in a block, from ggml-common.h.
+_SCALE_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "iq4_nl": (0,),
+                 "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,),
+                 "iq2_xxs": (0,), "iq2_xs": (0,), "iq2_s": (0,), "iq3_xxs": (0,), "iq3_s": (0,), "iq1_s": (0,),
+                 "iq4_xs": (0,), "iq1_m": (), "mxfp4": ()}   # iq1_m: f16 in 4 nibbles; mxfp4: one E8M0 byte
+SYNTH_TYPES = ("f16", *_SCALE_FIELDS)
+_FILE_TYPES = {"q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M", "q3_k": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K",
+               "mxfp4": "MOSTLY_MXFP4_MOE"}
+_POOL_BLOCKS = 1 << 20          # at most this many random blocks drawn per type and reused (shifted) for every tensor
+_CHUNK_BLOCKS = 1 << 18         # blocks written per call
+_STD_SAMPLE = 4096              # blocks dequantized to measure a type's standard deviation at scale 1
 
 
 def _ggml_qtype(qtype: str):
     import gguf
 
-    return {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
+    return gguf.GGMLQuantizationType[qtype.upper()]
 
 
 def _file_type(qtype: str):
     import gguf
 
-    return {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    name = _FILE_TYPES.get(qtype, f"MOSTLY_{qtype.upper()}")
+    return getattr(gguf.LlamaFileType, name, gguf.LlamaFileType.GUESSED)
 
 
-def _quant_pool(qtype: str, rng: np.random.Generator) -> np.ndarray:
-    """Random quants for `_POOL_BLOCKS` blocks as (blocks, block bytes) uint8, scale bytes left zero."""
-    width = 32 if qtype == "q8_0" else 16
-    pool = np.zeros((_POOL_BLOCKS, 2 + width), dtype=np.uint8)
-    pool[:, 2:] = rng.integers(0, 256, size=(_POOL_BLOCKS, width), dtype=np.uint8)
-    if qtype == "q8_0":
-        pool[:, 2:][pool[:, 2:] == 128] = 129          # int8 -128 is outside llama.cpp's symmetric range
-    return pool
-
-
-def _stored_type(name: str, shape: tuple[int, ...], keep_f32: bool, s: SynthSpec) -> str:
-    """How a tensor is stored: F32 norms, biases and routers (llama.cpp never quantizes those); F16 when its rows
-    do not split into 32-wide blocks or its values carry the skew; else random quantized blocks."""
-    if keep_f32 or name.endswith("ffn_gate_inp.weight"):
-        return "f32"
-    if shape[0] % 32 or (s.skew > 0 and name == "token_embd.weight"):
-        return "f16"
-    return "quant"
-
-
-def _write_blocks(fout, n_blocks: int, std: float, qtype: str, pool: np.ndarray, offset: int) -> None:
-    """Stream `n_blocks` blocks: the pool's quants (from `offset`, wrapping) with scales giving `std`."""
-    scale = np.array([std / _QUANT_STD[qtype]], dtype=np.float16).view(np.uint8)
-    done = 0
-    while done < n_blocks:
-        start = (offset + done) % _POOL_BLOCKS
-        count = min(_CHUNK_BLOCKS, n_blocks - done, _POOL_BLOCKS - start)
-        chunk = pool[start:start + count].copy()
-        chunk[:, 0:2] = scale
-        fout.write(chunk.data)
-        done += count
-
-
-def write_quantized_gguf(s: SynthSpec, path: Path, qtype: str) -> Path:
-    """A random-weight MoE GGUF whose weight matrices are Q8_0 or Q4_0 blocks (small F16 scales, random quants)."""
+def block_shape(qtype: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml type."""
     import gguf
 
-    if qtype not in SYNTH_TYPES:
-        raise CcmoeError(f"cannot generate weights of type {qtype!r}", f"choose one of: {', '.join(SYNTH_TYPES)}")
+    return gguf.GGML_QUANT_SIZES[_ggml_qtype(qtype)]
+
+
+def _set_scale(blocks: np.ndarray, qtype: str, scale: float, offset: float = 0.0) -> None:
+    """Write `scale` into every block's scale field and `scale * offset` into its offset field (the min of
+    Q4_1/Q5_1/K types), in place."""
+    if qtype == "mxfp4":                       # E8M0: 2^(e - 127), the nearest power of two
+        blocks[:, 0] = int(np.clip(127 + round(np.log2(scale)), 1, 254))
+        return
+    bits = np.array([scale], dtype=np.float16).view(np.uint16)[0]
+    if qtype == "iq1_m":                       # the top nibble of each of the four uint16 sub-scale words
+        words = blocks[:, 48:56].view(np.uint16)
+        for i in range(4):
+            words[:, i] = (words[:, i] & 0x0FFF) | (((int(bits) >> (4 * i)) & 0xF) << 12)
+        return
+    for off, value in zip(_SCALE_FIELDS[qtype], (scale, scale * offset)):
+        blocks[:, off:off + 2] = np.array([value], dtype=np.float16).view(np.uint8)
+
+
+class _BlockPool:
+    """Random blocks of one type, the min (offset) that centres their weights and the scale that gives them a
+    standard deviation of 1."""
+
+    def __init__(self, qtype: str, n_blocks: int, rng: np.random.Generator):
+        self.qtype = qtype
+        _, size = block_shape(qtype)
+        self.blocks = rng.integers(0, 256, size=(max(n_blocks, 1), size), dtype=np.uint8)
+        if qtype == "q8_0":
+            self.blocks[:, 2:][self.blocks[:, 2:] == 128] = 129    # int8 -128 is outside llama.cpp's symmetric range
+        self.offset = 0.0
+        if len(_SCALE_FIELDS.get(qtype, ())) == 2:                 # weights = scale * (A + offset * B): no mean
+            a = self._sample(0.0)
+            b = self._sample(1.0) - a
+            self.offset = float(-a.mean() / b.mean()) if b.mean() else 0.0
+        self.unit_std = float(np.std(self._sample(self.offset)))
+
+    def _sample(self, offset: float) -> np.ndarray:
+        """The first _STD_SAMPLE blocks' weights at scale 1 and this offset."""
+        from gguf import quants
+
+        sample = self.blocks[:_STD_SAMPLE].copy()
+        _set_scale(sample, self.qtype, 1.0, offset)
+        return quants.dequantize(sample, _ggml_qtype(self.qtype))
+
+    def write(self, fout, n_blocks: int, std: float, offset: int) -> None:
+        """Stream `n_blocks` blocks (from `offset`, wrapping) scaled to weights of standard deviation `std`."""
+        pool = len(self.blocks)
+        done = 0
+        while done < n_blocks:
+            start = (offset + done) % pool
+            count = min(_CHUNK_BLOCKS, n_blocks - done, pool - start)
+            chunk = self.blocks[start:start + count].copy()
+            _set_scale(chunk, self.qtype, std / self.unit_std, self.offset)
+            fout.write(chunk.data)
+            done += count
+
+
+def read_tensor_types(path: Path) -> list[tuple[str, str]]:
+    """(regex, type) rules from a file of `regex=type` lines, llama-quantize's --tensor-type-file format."""
+    rules = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, sep, qtype = line.rpartition("=")
+        if not sep or qtype.lower() not in SYNTH_TYPES:
+            raise CcmoeError(f"{path}: cannot read {line!r} as regex=type with a type synth writes",
+                             f"use one of: {', '.join(SYNTH_TYPES)}")
+        rules.append((pattern, qtype.lower()))
+    return rules
+
+
+def _stored_type(name: str, shape: tuple[int, ...], keep_f32: bool, s: SynthSpec, qtype: str,
+                 rules: list[tuple[str, str]]) -> str:
+    """How a tensor is stored: F32 norms, biases and routers (llama.cpp never quantizes those); the first matching
+    rule's type, else `qtype`; F16 where the skew lives in the values; Q8_0, then F16, when its rows do not split
+    into the type's blocks."""
+    import re
+
+    if keep_f32 or name.endswith("ffn_gate_inp.weight"):
+        return "f32"
+    if s.skew > 0 and name == "token_embd.weight":
+        return "f16"
+    wanted = next((t for pattern, t in rules if re.search(pattern, name)), qtype)
+    for t in (wanted, "q8_0"):
+        if t == "f16" or shape[0] % block_shape(t)[0] == 0:
+            return t
+    return "f16"
+
+
+def write_quantized_gguf(s: SynthSpec, path: Path, qtype: str, rules: list[tuple[str, str]] | None = None) -> Path:
+    """A random-weight MoE GGUF whose weight matrices are random blocks of `qtype`, or of the type of the first
+    matching (regex, type) rule: mixes such as llama.cpp's Q4_K_M, written without an F16 copy or an imatrix."""
+    import gguf
+
+    rules = rules or []
+    for t in [qtype, *(t for _, t in rules)]:
+        if t not in SYNTH_TYPES:
+            raise CcmoeError(f"cannot generate weights of type {t!r}", f"choose one of: {', '.join(SYNTH_TYPES)}")
     layout = tensor_layout(s)
     rng = np.random.default_rng(s.seed)
     u = rng.standard_normal(s.n_embd).astype(np.float32)
     u /= np.linalg.norm(u)
-    block_bytes = gguf.GGML_QUANT_SIZES[_ggml_qtype(qtype)][1]
     tmp = path.with_name(f".{path.name}.part")
     try:
         w = gguf.GGUFWriter(str(tmp), s.arch)
@@ -274,26 +346,33 @@ def write_quantized_gguf(s: SynthSpec, path: Path, qtype: str) -> Path:
         w.add_string("ccmoe.synth_spec", str(asdict(s)))
         plan = []
         for name, shape, keep_f32 in layout:
-            kind = _stored_type(name, shape, keep_f32, s)
+            kind = _stored_type(name, shape, keep_f32, s, qtype, rules)
             n = int(np.prod(shape))
             np_shape = tuple(reversed(shape))
-            if kind == "quant":
-                w.add_tensor_info(name, np_shape, np.dtype(np.float32), n // 32 * block_bytes, raw_dtype=_ggml_qtype(qtype))
-            else:
+            if kind in ("f32", "f16"):
                 dtype = np.dtype(np.float32 if kind == "f32" else np.float16)
                 w.add_tensor_info(name, np_shape, dtype, n * dtype.itemsize)
+            else:
+                block, size = block_shape(kind)
+                w.add_tensor_info(name, np_shape, np.dtype(np.float32), n // block * size, raw_dtype=_ggml_qtype(kind))
             plan.append((name, shape, kind, n))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
-        pool = _quant_pool(qtype, rng)
+        most = {}
+        for _, _, kind, n in plan:
+            if kind not in ("f32", "f16"):
+                most[kind] = max(most.get(kind, 0), n // block_shape(kind)[0])
+        pools = {k: _BlockPool(k, min(_POOL_BLOCKS, most[k]), rng) for k in sorted(most)}
         for name, shape, kind, n in plan:
             w.write_padding(fout, fout.tell())
-            if kind == "quant":
+            if kind in pools:
                 std = 1.0 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[0])
-                _write_blocks(fout, n // 32, float(std), qtype, pool, int(rng.integers(0, _POOL_BLOCKS)))
-                nbytes = n // 32 * block_bytes
+                block, size = block_shape(kind)
+                pool = pools[kind]
+                pool.write(fout, n // block, float(std), int(rng.integers(0, len(pool.blocks))))
+                nbytes = n // block * size
             else:
                 data = _tensor_data(name, shape, s, rng, u).astype(np.float32 if kind == "f32" else np.float16)
                 fout.write(data.tobytes())
@@ -356,14 +435,17 @@ def builtin_inventory(name: str) -> ModelInventory:
 
 # ---------------------------------------------------------------- python -m ccmoe_runtime.synth
 
-def spec_from_args(argv: list[str] | None = None) -> tuple[SynthSpec, Path, str, bool]:
-    """Parse `python -m ccmoe_runtime.synth` arguments into a spec, an output path, a type and --force."""
+def spec_from_args(argv: list[str] | None = None) -> tuple[SynthSpec, Path, str, bool, Path | None]:
+    """Parse `python -m ccmoe_runtime.synth` arguments into a spec, an output path, a type, --force and the
+    --tensor-types file."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m ccmoe_runtime.synth",
-                                description="Write a random-weight MoE GGUF (F16, or Q8_0/Q4_0 blocks written directly).")
+                                description="Write a random-weight MoE GGUF (F16, or quantized blocks written directly).")
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--type", dest="qtype", choices=SYNTH_TYPES, default="f16")
+    p.add_argument("--tensor-types", type=Path, default=None,
+                   help="regex=type lines (llama-quantize's --tensor-type-file format): per-tensor types, first match")
     p.add_argument("--force", action="store_true")
     fields = {"arch": str, "name": str, "vocab_size": int, "ctx": int, "n_embd": int, "n_layer": int, "n_head": int,
               "n_head_kv": int, "head_dim": int, "n_expert": int, "n_expert_used": int, "n_ff_exp": int,
@@ -373,18 +455,20 @@ def spec_from_args(argv: list[str] | None = None) -> tuple[SynthSpec, Path, str,
     a = p.parse_args(argv)
     spec = SynthSpec(**{k: getattr(a, k) for k in fields})
     spec.check()
-    return spec, a.out, a.qtype, a.force
+    return spec, a.out, a.qtype, a.force, a.tensor_types
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        spec, out, qtype, force = spec_from_args(argv)
-        path = write_random_gguf(spec, out, force=force, qtype=qtype)
+        spec, out, qtype, force, types_file = spec_from_args(argv)
+        rules = read_tensor_types(types_file) if types_file else None
+        path = write_random_gguf(spec, out, force=force, qtype=qtype, rules=rules)
     except CcmoeError as e:
         print(f"synth: error: {e.one_line()}")
         return e.exit_code
     n = sum(int(np.prod(shape)) for _, shape, _ in tensor_layout(spec))
-    print(f"wrote {path}: {n / 1e9:.2f}B parameters, {path.stat().st_size / 1e9:.2f} GB ({qtype})")
+    mix = f" + {len(rules)} per-tensor rules" if rules else ""
+    print(f"wrote {path}: {n / 1e9:.2f}B parameters, {path.stat().st_size / 1e9:.2f} GB ({qtype}{mix})")
     return 0
 
 

@@ -150,3 +150,28 @@ def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_s
     assert pick_cpu_settings(close) == ("none", 16)           # within 5%: pinned buffers' 2.5-5x prompt speed wins
     close[("auto", 8)] = times({r: (tg * 0.7, pp * 2) for r, (tg, pp) in H100_SPLIT[("auto", 16)].items()})
     assert pick_cpu_settings(close) == ("none", 16)           # a much slower decode never wins on prompts
+
+
+def test_the_fit_recovers_what_llama_cpp_cpu_buffers_change(cal_models, engine):
+    """The runs with --no-host give each type's CPU efficiency and prompt-batch rate in those buffers (Factors.repack)
+    from times the cost model made with known values; and measure_repack runs llama-bench with the flag for real."""
+    device = get_profile("cuda-h100-80g")
+    truth = _truth(device)
+    full = _times(device, truth, cal_models, split=False)
+    f = fit_factors(device, cal_models, full, _times(device, truth, cal_models, split=True))
+    repacked = _truth(device)
+    repacked.efficiency.update({"cpu:q4_0": 0.9})                   # Q4_0 repacked: faster CPU decode ...
+    repacked.offload_gbs = {"q8_0": 8.0, "q4_0": 2.0}               # ... but its prompt batches stay on the CPU
+    bw = C.pool_bandwidth(device, "gpu")
+    gpu_s_per_byte = {k.split(":")[1]: 1 / (bw * v) for k, v in f.efficiency.items() if k.startswith("gpu:")}
+    _, eff, offload = C.fit_host_weights(device, cal_models, full, _times(device, repacked, cal_models, split=True),
+                                         f, gpu_s_per_byte)
+    assert eff["cpu:q4_0"] == pytest.approx(0.9, rel=0.03) and eff["cpu:q8_0"] == pytest.approx(0.6, rel=0.03)
+    assert offload["q4_0"] == pytest.approx(2.0, rel=0.05) and offload["q8_0"] == pytest.approx(8.0, rel=0.05)
+    f.repack = {"efficiency": eff, "offload_gbs": offload}
+    with_repack = f.with_repack()
+    assert with_repack.eff("cpu", "q4_0") > f.eff("cpu", "q4_0")
+    assert with_repack.efficiency["gpu:q8_0"] == f.efficiency["gpu:q8_0"] and with_repack.offload_gbs == offload
+    measured, runs = C.measure_repack(engine, device, cal_models, full, f, ("auto", 2), 1, lambda _m: None)
+    assert set(measured) == {"efficiency", "offload_gbs"} and {r for r, _ in runs} == {m.role for m in cal_models}
+    assert all(t > 0 for t in runs.values())

@@ -373,3 +373,38 @@ def test_types_slow_on_the_cpu_are_kept_on_the_gpu_when_that_outweighs_the_split
     # with one efficiency for every type, the order is density's, as before
     f.efficiency = {"cpu:*": 0.9, "gpu:*": 0.8}
     assert P.greedy(loads, budget, lambda ld: P.gpu_value(ld, device, f)) == by_density
+
+
+def test_llama_cpp_cpu_buffers_are_chosen_only_when_calibration_predicts_faster_decode(q4_model, tmp_path):
+    """--no-host (host-memory experts in llama.cpp's repacking CPU buffers) is a calibrated lever: taken when the
+    measured repacked efficiency buys at least 5% decode, not for less, never without a measurement unless asked,
+    and spelled as each tool wants it (llama-bench `--no-host 1`, llama-server `--no-host`), which both accept."""
+    from ccmoe_runtime.bench import llama_bench
+    from ccmoe_runtime.engine import find_engine
+
+    inv = read_gguf(q4_model)
+    device = _gpu_profile(tmp_path, 0.18, "small")
+    f = _factors(device)
+    f.efficiency = {"cpu:q4_0": 0.4, "gpu:q4_0": 0.8}
+    plain = P.place(inv, device, f, _settings())
+    assert plain.has_host_weights and not plain.cpu_repack and "--no-host" not in plain.bench_args()
+    f.repack = {"efficiency": {"cpu:q4_0": 0.8}, "offload_gbs": {"q4_0": 3.0}}       # twice as fast on the CPU
+    fast = P.place(inv, device, f, _settings())
+    assert fast.cpu_repack and fast.tensors == plain.tensors
+    assert fast.predicted_empty.decode_tps >= 1.05 * plain.predicted_empty.decode_tps
+    assert fast.predicted_empty.prompt_tps < plain.predicted_empty.prompt_tps     # prompt batches stay on the CPU
+    assert fast.bench_args()[-2:] == ["--no-host", "1"] and fast.server_args()[-1] == "--no-host"
+    assert any("--no-host: host-memory experts" in n for n in fast.notes)
+    assert P.repredict(fast, inv, device, f, 512, 0).decode_tps == pytest.approx(fast.predicted_empty.decode_tps)
+    f.repack = {"efficiency": {"cpu:q4_0": 0.41}}                                    # within noise: not worth it
+    assert not P.place(inv, device, f, _settings()).cpu_repack
+    f.repack = {"efficiency": {"cpu:q4_0": 0.8}}
+    assert not P.place(inv, device, f, replace(_settings(), cpu_repack=False)).cpu_repack
+    f.repack = {}
+    asked = P.place(inv, device, f, replace(_settings(), cpu_repack=True))
+    assert asked.cpu_repack and any("--no-host as asked" in n for n in asked.notes)
+    whole = P.place(inv, _gpu_profile(tmp_path, 8.0, "big"), f, replace(_settings(), cpu_repack=True))
+    assert not whole.has_host_weights and not whole.cpu_repack                      # nothing in host memory
+    engine = find_engine("cpu")
+    assert llama_bench(engine, q4_model, fast.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)["ok"]
+    assert P.fit_print(engine, q4_model, ["-c", "256", *fast.server_args()]) is not None

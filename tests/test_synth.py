@@ -96,6 +96,49 @@ def test_quantized_generation_loads_and_runs_in_llama_cpp(engine, tmp_path, qtyp
     assert synth_main(["-o", str(tmp_path / "cli.gguf"), "--type", qtype]) == 2      # exists: --force needed
 
 
+def test_mixed_types_follow_the_rules_and_run_in_llama_cpp(engine, tmp_path):
+    """K, IQ and MXFP4 blocks written directly, chosen per tensor by llama-quantize-style regex=type rules: the
+    right type and size per tensor (Q8_0 where rows do not split into 256-wide blocks), and llama.cpp loads them and
+    gives a finite perplexity."""
+    import json
+
+    from ccmoe_runtime.inventory import read_gguf
+    from ccmoe_runtime.synth import block_shape, read_tensor_types
+
+    rules_file = tmp_path / "types.txt"
+    rules_file.write_text("# a Q4_K_M-like mix with IQ experts in the middle\n"
+                          "blk\\.[02]\\.ffn_down_exps=q6_k\nblk\\.1\\.ffn_(gate|up)_exps=iq2_xxs\n"
+                          "blk\\.1\\.ffn_down_exps=iq1_m\nblk\\.2\\.ffn_up_exps=mxfp4\nattn_v=q5_k\n"
+                          "token_embd=q2_k\noutput\\.weight=iq4_nl\n")
+    rules = read_tensor_types(rules_file)
+    spec = SynthSpec(arch="qwen3moe", n_layer=3, n_embd=256, n_expert=8, n_expert_used=2, n_ff_exp=256, seed=5)
+    model = write_random_gguf(spec, tmp_path / "mix.gguf", qtype="q4_k", rules=rules)
+    tensors = {t.name: t for t in read_gguf(model).tensors}
+    want = {"blk.0.ffn_down_exps.weight": "Q6_K", "blk.1.ffn_gate_exps.weight": "IQ2_XXS",
+            "blk.1.ffn_down_exps.weight": "IQ1_M", "blk.2.ffn_up_exps.weight": "MXFP4", "blk.2.ffn_gate_exps.weight":
+            "Q4_K", "blk.1.attn_v.weight": "Q5_K", "token_embd.weight": "Q2_K", "output.weight": "IQ4_NL",
+            "blk.0.attn_norm.weight": "F32", "blk.0.ffn_gate_inp.weight": "F32"}
+    assert {n: tensors[n].ggml_type for n in want} == want
+    assert tensors["blk.0.attn_q_norm.weight"].ggml_type == "F32"
+    for t in tensors.values():
+        if t.ggml_type not in ("F32", "F16"):
+            block, size = block_shape(t.ggml_type.lower())
+            assert t.n_bytes == int(np.prod(t.shape)) // block * size, t.name
+    out = subprocess.run([str(engine.tool("llama-bench")), "-m", str(model), "-p", "16", "-n", "4", "-r", "1",
+                          "-t", "2", "-o", "json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert all(r["avg_ts"] > 0 for r in json.loads(out.stdout))
+    ppl = subprocess.run([str(engine.tool("llama-perplexity")), "-m", str(model), "-f", str(_text(tmp_path)), "-c",
+                          "64", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=300)
+    final = (ppl.stdout + ppl.stderr).split("Final estimate: PPL = ")
+    assert ppl.returncode == 0 and len(final) == 2
+    assert 1.0 < float(final[1].split()[0]) < 10 * spec.vocab_size      # finite: no NaN or inf from the scales
+    bad = tmp_path / "bad.txt"
+    bad.write_text("attn_v=q7_k\n")
+    with pytest.raises(CcmoeError, match="regex=type"):
+        read_tensor_types(bad)
+
+
 def _text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
