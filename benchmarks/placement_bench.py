@@ -5,6 +5,8 @@ Contenders on one model and the same free GPU memory (benchmarks/gpu_hold.py emu
   fit        llama.cpp's --fit (llama-bench -fitt 1024: the default 1024 MiB margin)
   exps=CPU   all routed experts in host memory (-ot exps=CPU)
   ncmoe=N    --n-cpu-moe N, swept downwards from ccmoe's CPU layer count until a load fails (best = fewest)
+Attribution runs, not baselines: the best --n-cpu-moe with ccmoe's CPU settings (load mode, threads, --no-host),
+and, when ccmoe chose llama.cpp's repacking CPU buffers, ccmoe's placement made with pinned ones.
 Resumable: what is done is kept in --work; a later run with the same --work does the rest.
 Writes placement_bench.json and placement_bench.md to --out.
 """
