@@ -24,7 +24,7 @@ from .devices import DeviceProfile
 from .engine import Engine
 from .errors import EXIT_ENGINE, CcmoeError
 from .inventory import read_gguf, summarize
-from .synth import SynthSpec, write_random_gguf
+from .synth import SynthSpec, block_shape, write_random_gguf
 
 TINY_LAYERS = (2, 12)
 N_PROMPT, N_GEN = 512, 64
@@ -72,9 +72,7 @@ def medium_spec(size_mb: int, qtype: str, wide: bool) -> SynthSpec:
 
 def bytes_per_weight(qtype: str) -> float:
     """Bytes a weight of `qtype` takes (ggml's block size and bytes per block)."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]]
+    block, size = block_shape(qtype)
     return size / block
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .devices import GB, DeviceProfile
@@ -81,8 +81,6 @@ class Factors:
 
     def with_repack(self) -> "Factors":
         """These factors with host-memory weights in llama.cpp's (repacking) CPU buffers, as calibrated."""
-        from dataclasses import replace
-
         offload = {**self.offload_gbs, **self.repack.get("offload_gbs", {})}
         return replace(self, efficiency={**self.efficiency, **self.repack.get("efficiency", {})}, offload_gbs=offload,
                        link_gbs=max(offload.values()) if offload else self.link_gbs)

@@ -243,8 +243,8 @@ def _set_scale(blocks: np.ndarray, qtype: str, scale: float, offset: float = 0.0
     if qtype == "mxfp4":                       # E8M0: 2^(e - 127), the nearest power of two
         blocks[:, 0] = int(np.clip(127 + round(np.log2(scale)), 1, 254))
         return
-    bits = np.array([scale], dtype=np.float16).view(np.uint16)[0]
     if qtype == "iq1_m":                       # the top nibble of each of the four uint16 sub-scale words
+        bits = np.array([scale], dtype=np.float16).view(np.uint16)[0]
         words = blocks[:, 48:56].view(np.uint16)
         for i in range(4):
             words[:, i] = (words[:, i] & 0x0FFF) | (((int(bits) >> (4 * i)) & 0xF) << 12)
