@@ -203,14 +203,22 @@ def generate() -> None:
 @click.option("--expert-ff", type=int, default=256, help="Feed-forward size of one expert.")
 @click.option("--skew", type=float, default=0.0, help="0 = uniform expert use; larger = a few popular experts.")
 @click.option("--seed", type=int, default=0)
+@click.option("--type", "qtype", default="f16", show_default=True,
+              help="Weight type, written directly as random blocks (f16, q8_0, q4_k, iq2_xxs, mxfp4 ...).")
+@click.option("--tensor-types", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Per-tensor types: regex=type lines, llama-quantize's --tensor-type-file format, first match wins.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
-def generate_model(arch, out, layers, embd, experts, experts_used, expert_ff, skew, seed, force) -> None:
+def generate_model(arch, out, layers, embd, experts, experts_used, expert_ff, skew, seed, qtype, tensor_types,
+                   force) -> None:
     """Write a deterministic random-weight MoE GGUF that llama.cpp loads."""
-    from .synth import SynthSpec, write_random_gguf
+    from .synth import SYNTH_TYPES, SynthSpec, read_tensor_types, write_random_gguf
 
+    if qtype.lower() not in SYNTH_TYPES:
+        raise CcmoeError(f"cannot generate weights of type {qtype!r}", f"choose one of: {', '.join(SYNTH_TYPES)}")
     spec = SynthSpec(arch=arch, n_layer=layers, n_embd=embd, n_expert=experts, n_expert_used=experts_used,
                      n_ff_exp=expert_ff, skew=skew, seed=seed, name=f"synth-{arch}")
-    path = write_random_gguf(spec, out, force=force)
+    rules = read_tensor_types(tensor_types) if tensor_types else None
+    path = write_random_gguf(spec, out, force=force, qtype=qtype.lower(), rules=rules)
     click.echo(f"wrote {path} ({human_size(path.stat().st_size)})")
 
 

@@ -10,7 +10,7 @@ import pytest
 from ccmoe_runtime.stats import expert_counts, run_imatrix, usage_entropy
 from ccmoe_runtime.synth import SynthSpec, write_random_gguf
 from ccmoe_runtime.errors import CcmoeError
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,44 @@ def _text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     return path
+
+
+def test_llama_cpp_mix_read_off_a_narrow_model_is_what_llama_quantize_gives_the_full_width(engine, tmp_path):
+    """benchmarks/llama_mix.py: the Q4_K_M types read off llama-quantize's output on a narrow model with the same
+    layers, written by synth at twice the width, are tensor for tensor the types (and sizes) llama-quantize itself
+    gives the wider model (norms and routers stay float in both: F32 in synth's, the source's F16 in llama's);
+    and `ccmoe-run generate model --tensor-types` writes them too."""
+    import importlib.util
+
+    from ccmoe_runtime.build import quantize
+    from ccmoe_runtime.inventory import read_gguf
+    from ccmoe_runtime.synth import read_tensor_types
+
+    loaded = importlib.util.spec_from_file_location("llama_mix", ROOT / "benchmarks" / "llama_mix.py")
+    mix = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(mix)
+    lines = mix.mix_rules(engine, mix.proxy_spec("qwen3moe", 8, 8, 2, 64, 12, 4), "Q4_K_M", tmp_path)
+    rules_file = tmp_path / "q4_k_m.txt"
+    rules_file.write_text("\n".join(lines) + "\n")
+    wide = SynthSpec(arch="qwen3moe", n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=64, n_expert=12,
+                     n_expert_used=4, n_ff_exp=512, seed=3)
+    ours = write_random_gguf(wide, tmp_path / "ours.gguf", qtype="q4_k", rules=read_tensor_types(rules_file))
+    theirs = quantize(engine, write_random_gguf(wide, tmp_path / "wide-f16.gguf"), tmp_path / "theirs.gguf",
+                      "Q4_K_M", [])
+
+    def types(path):
+        return {t.name: (t.ggml_type, t.n_bytes) for t in read_gguf(path).tensors}
+
+    mine, llama = types(ours), types(theirs)
+    assert mine.keys() == llama.keys()
+    quantized = {n for n, (t, _) in llama.items() if t not in ("F32", "F16")}
+    assert {n: mine[n] for n in quantized} == {n: llama[n] for n in quantized}
+    assert all(mine[n][0] in ("F32", "F16") for n in mine.keys() - quantized)   # norms and routers stay float
+    assert {llama[n][0] for n in quantized} == {"Q4_K", "Q6_K"}                  # a real mix, not one type
+    result = run_cli("generate", "model", "--layers", "8", "--embd", "512", "--experts", "12", "--expert-ff", "512",
+                     "--type", "q4_k", "--tensor-types", str(rules_file), "-o", str(tmp_path / "cli.gguf"))
+    assert result.returncode == 0, result.stderr
+    cli = types(tmp_path / "cli.gguf")
+    assert {n: cli[n] for n in cli if "_exps" in n} == {n: v for n, v in types(ours).items() if "_exps" in n}
+    bad = run_cli("generate", "model", "--type", "q7_k", "-o", str(tmp_path / "bad.gguf"))
+    assert bad.returncode != 0 and "q7_k" in bad.stderr and not (tmp_path / "bad.gguf").exists()
