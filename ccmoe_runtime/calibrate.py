@@ -138,9 +138,10 @@ def write_flat_imatrix(model: Path, out: Path) -> Path:
     return out
 
 
-def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int,
-              threads: int | None) -> dict[tuple[str, str], float]:
-    """llama-bench over the models: {(role, "pp"|"tg"): seconds per token (median of the repetitions)}."""
+def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int, threads: int | None,
+              by: str | None = None) -> dict:
+    """llama-bench over the models: {(role, "pp"|"tg"): seconds per token (median of the repetitions)}; with `by`
+    (a llama-bench JSON field given a list of values in `args`), one such dict per value of that field."""
     cmd = [str(engine.tool("llama-bench"))]
     for m in models:
         cmd += ["-m", str(m.path)]
@@ -152,11 +153,12 @@ def run_bench(engine: Engine, models: list[CalModel], args: list[str], reps: int
         tail = " | ".join(out.stderr.strip().splitlines()[-3:])
         raise CcmoeError(f"llama-bench failed during calibration ({tail})", "run `ccmoe-run engine info`", EXIT_ENGINE)
     by_path = {str(m.path): m.role for m in models}
-    result = {}
+    result: dict = {}
     for row in json.loads(out.stdout):
         kind = "pp" if row["n_prompt"] else "tg"
         tps = statistics.median(row.get("samples_ts") or [row["avg_ts"]])
-        result[(by_path[row["model_filename"]], kind)] = 1.0 / tps
+        group = result.setdefault(row[by], {}) if by else result
+        group[(by_path[row["model_filename"]], kind)] = 1.0 / tps
     return result
 
 
@@ -370,18 +372,30 @@ HOST_BUFFER_BACKENDS = ("cuda", "hip")    # GPU backends whose pinned host buffe
 
 def measure_repack(engine: Engine, device: DeviceProfile, models: list[CalModel], full: dict, f: Factors,
                    choice: tuple[str, int], reps: int, say) -> tuple[dict, dict]:
-    """The experts in host memory again, in llama.cpp's CPU buffers instead of pinned ones (`--no-host 1`: the
-    CPU kernels' repacked layout for the types that have one), at the chosen load mode and threads. Returns
-    Factors.repack (each type's CPU efficiency and prompt-batch rate that way) and the runs."""
+    """The experts in host memory again, at the chosen load mode and threads, with and without llama.cpp's CPU
+    buffers (`--no-host 0,1`: the CPU kernels' repacked layout for the types that have one) in one llama-bench
+    process, seconds apart. Returns Factors.repack (`f`'s CPU efficiencies and prompt-batch rates times the paired
+    ratios, see `rescaled`) and the runs in those buffers."""
     mode, n = choice
-    say(f"llama-bench: experts on the CPU in llama.cpp's CPU buffers (--no-host 1), load mode {mode}, {n} threads")
+    say(f"llama-bench: experts on the CPU with and without llama.cpp's CPU buffers (--no-host 0,1), load mode {mode}, "
+        f"{n} threads")
     used = [m for m in models if not m.role.startswith("wide")]
-    args = ["-ngl", "99", "-ot", "exps=CPU", "--no-host", "1"] + (["-lm", mode] if mode != "auto" else [])
-    res = run_bench(engine, used, args, reps, n)
+    args = ["-ngl", "99", "-ot", "exps=CPU", "--no-host", "0,1"] + (["-lm", mode] if mode != "auto" else [])
+    runs = run_bench(engine, used, args, reps, n, by="no_host")
     bw = pool_bandwidth(device, main_pool(device))
     gpu_s_per_byte = {k.split(":", 1)[1]: 1.0 / (bw * v) for k, v in f.efficiency.items() if k.startswith("gpu:")}
-    _, efficiency, offload = fit_host_weights(device, used, full, res, f, gpu_s_per_byte)
-    return {"efficiency": efficiency, "offload_gbs": offload}, res
+    _, eff_pinned, offload_pinned = fit_host_weights(device, used, full, runs[False], f, gpu_s_per_byte)
+    _, eff_cpu, offload_cpu = fit_host_weights(device, used, full, runs[True], f, gpu_s_per_byte)
+    return {"efficiency": rescaled(f.efficiency, eff_pinned, eff_cpu, 4),
+            "offload_gbs": rescaled(f.offload_gbs, offload_pinned, offload_cpu, 2)}, runs[True]
+
+
+def rescaled(calibrated: dict[str, float], paired_default: dict[str, float], paired_other: dict[str, float],
+             digits: int) -> dict[str, float]:
+    """`calibrated` values times other/default of a pair measured together: a host whose speed drifts between
+    calibration's runs (±15% on the H100 VM) moves both of a pair alike, and the ratio stays."""
+    return {k: round(calibrated.get(k, paired_default[k]) * v / paired_default[k], digits)
+            for k, v in paired_other.items() if paired_default.get(k)}
 
 
 def _medium_s(res: dict, kind: str) -> float:

@@ -154,7 +154,8 @@ def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_s
 
 def test_the_fit_recovers_what_llama_cpp_cpu_buffers_change(cal_models, engine):
     """The runs with --no-host give each type's CPU efficiency and prompt-batch rate in those buffers (Factors.repack)
-    from times the cost model made with known values; and measure_repack runs llama-bench with the flag for real."""
+    from times the cost model made with known values, also when the host slowed down between calibration's runs
+    (the pair measured together carries the ratio); and measure_repack runs llama-bench with `--no-host 0,1`."""
     device = get_profile("cuda-h100-80g")
     truth = _truth(device)
     full = _times(device, truth, cal_models, split=False)
@@ -168,10 +169,22 @@ def test_the_fit_recovers_what_llama_cpp_cpu_buffers_change(cal_models, engine):
                                          f, gpu_s_per_byte)
     assert eff["cpu:q4_0"] == pytest.approx(0.9, rel=0.03) and eff["cpu:q8_0"] == pytest.approx(0.6, rel=0.03)
     assert offload["q4_0"] == pytest.approx(2.0, rel=0.05) and offload["q8_0"] == pytest.approx(8.0, rel=0.05)
-    f.repack = {"efficiency": eff, "offload_gbs": offload}
+    # later, the host's CPU part runs 20% slower for both runs of the pair: the ratio still gives the truth
+    slow, slow_repacked = _truth(device), repacked
+    for t in (slow, slow_repacked):
+        t.efficiency = {k: v * (0.8 if k.startswith("cpu:") else 1.0) for k, v in t.efficiency.items()}
+    _, eff_a, _ = C.fit_host_weights(device, cal_models, full, _times(device, slow, cal_models, split=True), f,
+                                     gpu_s_per_byte)
+    _, eff_b, _ = C.fit_host_weights(device, cal_models, full, _times(device, slow_repacked, cal_models, split=True),
+                                     f, gpu_s_per_byte)
+    assert eff_b["cpu:q4_0"] < 0.9 * 0.9                            # alone, the drift reads as 14% less
+    paired = C.rescaled(f.efficiency, eff_a, eff_b, 4)
+    assert paired["cpu:q4_0"] == pytest.approx(0.9, rel=0.05) and paired["cpu:q8_0"] == pytest.approx(0.6, rel=0.03)
+    f.repack = {"efficiency": paired, "offload_gbs": offload}
     with_repack = f.with_repack()
     assert with_repack.eff("cpu", "q4_0") > f.eff("cpu", "q4_0")
     assert with_repack.efficiency["gpu:q8_0"] == f.efficiency["gpu:q8_0"] and with_repack.offload_gbs == offload
     measured, runs = C.measure_repack(engine, device, cal_models, full, f, ("auto", 2), 1, lambda _m: None)
     assert set(measured) == {"efficiency", "offload_gbs"} and {r for r, _ in runs} == {m.role for m in cal_models}
     assert all(t > 0 for t in runs.values())
+    assert set(measured["efficiency"]) == {"cpu:q8_0", "cpu:q4_0"}
