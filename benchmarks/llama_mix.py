@@ -12,8 +12,8 @@ model of the full width can then be written with exactly llama.cpp's mix without
 from __future__ import annotations
 
 import argparse
-import re
 import sys
+from collections import Counter
 import tempfile
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from ccmoe_runtime.build import quantize  # noqa: E402
 from ccmoe_runtime.calibrate import NEEDS_IMATRIX, write_flat_imatrix  # noqa: E402
 from ccmoe_runtime.engine import find_engine  # noqa: E402
 from ccmoe_runtime.inventory import read_gguf  # noqa: E402
+from ccmoe_runtime.plan import tensor_type_lines  # noqa: E402
 from ccmoe_runtime.synth import SynthSpec, write_random_gguf  # noqa: E402
 
 
@@ -42,8 +43,8 @@ def mix_rules(engine, spec: SynthSpec, ftype: str, folder: Path) -> list[str]:
     source = write_random_gguf(spec, folder / "proxy-f16.gguf", force=True)
     imatrix = write_flat_imatrix(source, folder / "flat.imatrix.gguf") if ftype.lower() in NEEDS_IMATRIX else None
     out = quantize(engine, source, folder / f"proxy-{ftype}.gguf", ftype, [], imatrix=imatrix)
-    return [f"^{re.escape(t.name)}$={t.ggml_type.lower()}" for t in read_gguf(out).tensors
-            if t.ggml_type not in ("F32", "F16", "BF16")]
+    return tensor_type_lines({"tensors": {t.name: {"type": t.ggml_type} for t in read_gguf(out).tensors
+                                          if t.ggml_type not in ("F32", "F16", "BF16")}})
 
 
 def main() -> int:
@@ -64,9 +65,7 @@ def main() -> int:
         lines = mix_rules(find_engine(a.backend), spec, a.ftype, Path(tmp))
     a.out.write_text(f"# llama-quantize {a.ftype} for {a.arch}, {a.n_layer} layers (benchmarks/llama_mix.py)\n"
                      + "\n".join(lines) + "\n")
-    counts: dict[str, int] = {}
-    for line in lines:
-        counts[line.rsplit("=", 1)[1]] = counts.get(line.rsplit("=", 1)[1], 0) + 1
+    counts = Counter(line.rsplit("=", 1)[1] for line in lines)
     print(f"wrote {a.out}: {len(lines)} tensors, " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
     return 0
 
