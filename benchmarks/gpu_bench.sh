@@ -8,7 +8,8 @@
 # call on the still-warm machine (within 30 s) spends its time on the bench alone. PREGEN names models to generate now
 # for a later call (e.g. PREGEN="10b 30b" while MODELS=bundled); "49b" is a 40-layer qwen3moe with 1536-wide experts in
 # llama.cpp's own Q4_K_M mix (29.7 GB; gpu_mixed.sh). CAL_TYPES sets calibrate --types. PIN_PROBE=1 adds gpu_launch_probe (gpu_common.sh): the
-# bundled model's pp512 in separate processes at several thread counts and pinned, to tell where its spread comes from.
+# bundled model's pp512 in separate processes at several thread counts and pinned, to tell where its spread comes from;
+# SPREAD_PROBE=1 adds gpu_spread_probe (the GPU's clocks beside process speeds, and exps=CPU's decode by threads).
 source benchmarks/gpu_common.sh
 gpu_log gpu_bench.log
 gpu_setup
@@ -27,6 +28,17 @@ gpu_generated
 gpu_hold_memory
 
 HOST_PROFILE=$(python3 -c "from ccmoe_runtime.costmodel import host_profile_path as p; from ccmoe_runtime.devices import get_profile as g; print(p(g('auto')))")
+if [ ! -f "$HOST_PROFILE" ] && [ -f .carry/host-profile.json ]; then    # an earlier call's calibration of this kind
+  python3 - "$HOST_PROFILE" <<'PY' && say "host profile carried from an earlier call (same CPU, cores and GPU)"
+import json, pathlib, shutil, sys
+from ccmoe_runtime.costmodel import host_fingerprint
+carried = pathlib.Path(".carry/host-profile.json")
+if json.loads(carried.read_text()).get("host") != host_fingerprint():
+    sys.exit(1)
+pathlib.Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True)
+shutil.copy(carried, sys.argv[1])
+PY
+fi
 if [ -f "$HOST_PROFILE" ]; then
   say "host profile from an earlier calibration: $HOST_PROFILE"; cp "$HOST_PROFILE" "$OUT/host-profile.json"
 else
@@ -34,7 +46,9 @@ else
   python3 -m ccmoe_runtime.cli calibrate --device auto --size-mb 800 ${CAL_TYPES:+--types "$CAL_TYPES"} --json \
     > "$OUT/host-profile.json" || say "calibrate failed"
 fi
+[ -f "$HOST_PROFILE" ] && cp "$HOST_PROFILE" "$OUT/host-profile-saved.json"   # as saved: .carry/host-profile.json next time
 [ -n "${PIN_PROBE:-}" ] && gpu_launch_probe
+[ -n "${SPREAD_PROBE:-}" ] && gpu_spread_probe
 [ -n "${PREPARE_ONLY:-}" ] && { say "prepared (engine, models, host profile); PREPARE_ONLY set, no bench"; exit 0; }
 for m in $MODELS; do
   case $m in 10b|30b) m="$W/qwen3moe-$m-q8_0.gguf" ;; 49b) m="$W/qwen3moe-49b-q4_k_m.gguf" ;; esac

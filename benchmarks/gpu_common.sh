@@ -19,8 +19,17 @@ gpu_setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/gguf-0.19.0-py3-none-any.whl || exit 1
   fi
   export PYTHONPATH="/tmp/site:$PWD"
+  # The llama.cpp source (models/, docs/ and media/ left out: 12 MB) and a carried engine (46 MB) do not fit in one
+  # 64 MiB carry together: with the engine parts alone, only the source's stamp is written, which names the commit
+  # that the cached engine's key needs.
   if [ ! -f "$W/llama.cpp/.ccmoe-source.json" ]; then
-    tar xzf .carry/llama.cpp.tar.gz -C "$W" || exit 1
+    if [ -f .carry/llama.cpp.tar.gz ]; then
+      tar xzf .carry/llama.cpp.tar.gz -C "$W" || exit 1
+    elif [ -f .carry/engine-cuda.tar.xz.part-00 ]; then
+      mkdir -p "$W/llama.cpp"; say "no llama.cpp source carried: the carried engine must run here"
+    else
+      say "carry .carry/llama.cpp.tar.gz (the vendored source) or a packed engine"; exit 1
+    fi
     echo '{"package": "llama-cpp-python", "package_version": "0.3.36", "commit": "0c1e57098"}' > "$W/llama.cpp/.ccmoe-source.json"
   fi
 }
@@ -83,9 +92,8 @@ gpu_hold_memory() {
 # (regex=type lines, e.g. llama.cpp's Q4_K_M mix from benchmarks/llama_mix.py).
 GEN_PIDS=""
 gpu_generate() {
-  local model=$1 types=()
+  local model=$1 types=(--type q8_0)
   [ -n "${5:-}" ] && types=(--type q4_k --tensor-types "$5")
-  [ ${#types[@]} -eq 0 ] && types=(--type q8_0)
   if [ ! -f "$model" ]; then
     say "generating $model in the background"
     python3 -m ccmoe_runtime.synth "${types[@]}" -o "$model" --arch qwen3moe --name "$(basename "$model" .gguf)" \
@@ -121,4 +129,51 @@ gpu_launch_probe() {
         | python3 -c 'import json,sys; print(round(max(json.load(sys.stdin)[0]["samples_ts"])))'
     done | tr '\n' ' ' | sed "s/^/  $how: /"; echo
   done
+}
+
+# Where a spread comes from (SPREAD_PROBE=1 in gpu_bench.sh), bounded to about 2 minutes. With the GPU's clocks, power
+# and throttle reasons logged every 100 ms ($OUT/gpu-clocks.csv): each CPU's own speed (benchmarks/cpu_speeds.py),
+# the bundled model's pp512 (best and median of each process, start time) in 12 processes back to back, pinned to
+# the CPU a scan just found fastest and then slowest, 6 more with a 2 s idle gap before each, one process of 3,000
+# repetitions read in chunks of 200 (does a process change speed?), and the 10B model's exps=CPU decode at 16 and 12
+# threads in 3 processes each. Every line says when it ran, so process speeds can be set against the clocks.
+gpu_spread_probe() {
+  local bench bundled ten i t pick cpu
+  bench=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
+  bundled=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())")
+  ten="$W/qwen3moe-10b-q8_0.gguf"
+  say "spread probe: steal $(awk '/^cpu /{print $9}' /proc/stat) jiffies since boot"
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu,pstate \
+    --format=csv,noheader -lms 100 > "$OUT/gpu-clocks.csv" 2>&1 &
+  local smi=$!
+  nvidia-smi --query-gpu=timestamp,clocks_event_reasons.active --format=csv,noheader -lms 100 > "$W/gpu-reasons.csv" 2>&1 &
+  local smi2=$!
+  summarize() { python3 benchmarks/bench_samples.py "$@"; }
+  say "spread probe: each CPU's speed (Mloops/s), 5 scans"
+  python3 benchmarks/cpu_speeds.py --scans 5 --pause 1
+  say "spread probe: bundled pp512, 12 processes back to back"
+  for i in $(seq 1 12); do "$bench" -m "$bundled" -ngl 999 -p 512 -n 0 -r 30 -o json 2>/dev/null | summarize "b2b#$i"; done
+  say "spread probe: bundled pp512 pinned to the CPU a scan just found fastest, then slowest, 6 times each"
+  for i in $(seq 1 6); do
+    for pick in fastest slowest; do
+      cpu=$(python3 benchmarks/cpu_speeds.py --pick $pick)
+      taskset -c "$cpu" "$bench" -m "$bundled" -ngl 999 -p 512 -n 0 -r 30 -o json 2>/dev/null | summarize "$pick-cpu$cpu#$i"
+    done
+  done
+  say "spread probe: bundled pp512+tg128 as bench runs it, 6 processes"
+  for i in $(seq 1 6); do "$bench" -m "$bundled" -ngl 999 -p 512 -n 128 -r 20 -o json 2>/dev/null | summarize "bench#$i"; done
+  say "spread probe: bundled pp512, 6 processes after 2 s idle"
+  for i in $(seq 1 6); do sleep 2; "$bench" -m "$bundled" -ngl 999 -p 512 -n 0 -r 30 -o json 2>/dev/null | summarize "idle#$i"; done
+  say "spread probe: one process, 3000 repetitions in chunks of 200"
+  "$bench" -m "$bundled" -ngl 999 -p 512 -n 0 -r 3000 -o json 2>/dev/null | summarize long --chunks 200
+  if [ -f "$ten" ]; then
+    for t in 16 12; do
+      say "spread probe: 10B exps=CPU tg32 at -t $t, 3 processes"
+      for i in 1 2 3; do timeout 60 "$bench" -m "$ten" -ngl 999 -ot exps=CPU -t "$t" -p 0 -n 32 -r 2 -o json 2>/dev/null | summarize "10b-t$t#$i"; done
+    done
+  fi
+  kill $smi $smi2 2>/dev/null
+  sort "$W/gpu-reasons.csv" | cut -d, -f2 | uniq -c | sort -rn | head -5 | sed "s/^/  clock event reasons: /"
+  grep -c . "$OUT/gpu-clocks.csv" | sed 's/^/  clock samples: /'
+  say "spread probe done; steal: $(awk '/^cpu /{print $9}' /proc/stat) jiffies since boot"
 }

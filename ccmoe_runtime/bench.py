@@ -17,12 +17,13 @@ from .devices import DeviceProfile
 from .engine import Engine, tool_version
 from .errors import EXIT_USAGE, CcmoeError
 
-BENCH_VERSION = 4        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round
+BENCH_VERSION = 5        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round;
+#                          5: the contenders' processes interleaved within a round, up to 8, of 1 repetition or more
 N_PROMPT, N_GEN = 512, 128
 MIN_ROUND_S = 5.0         # measured work per contender per round: short runs are at the mercy of the machine
 MIN_REPS, MAX_REPS = 3, 100     # a round's sample is its best repetition: best of 3 at least
 MAX_ROUND_S = 60.0
-MAX_PROCESSES = 5         # a contender that starts fast runs its round in up to 5 processes, best one counted
+MAX_PROCESSES = 8         # a contender that starts fast runs its round in up to 8 processes, best one counted
 
 
 def quick_hash(path: Path, edge: int = 16 << 20) -> str:
@@ -84,7 +85,8 @@ def llama_bench(engine: Engine, model: Path, args: list[str], reps: int = 1, n_p
     rc, out, err, rss = run_measured(cmd, timeout)
     if rc is None:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "args": args}
-    result = {"ok": rc == 0, "args": args, "wall_s": round(time.monotonic() - started, 2), "peak_rss_bytes": rss}
+    result = {"ok": rc == 0, "args": args, "started_s": started, "wall_s": round(time.monotonic() - started, 2),
+              "peak_rss_bytes": rss}
     if rc:
         result["error"] = " | ".join(err.strip().splitlines()[-3:])
         return result
@@ -120,23 +122,46 @@ def reps_for(warm: dict, min_round_s: float) -> int:
 
 
 def processes_for(warm: dict, reps: int) -> int:
-    """Processes a round's repetitions are split over: as many as keep MIN_REPS each and cost no more start-up
-    time than the round's work (up to MAX_PROCESSES). Some speed is fixed per process: on an H100 the bundled
-    model's pp512 sat near 245k or near 340k tok/s for most whole processes, whatever threads or pinning, and the
-    best of several processes is steady where one is a draw. A large model's load time keeps it at one."""
+    """Processes a round's repetitions are split over: as many as cost no more start-up time than the round's work,
+    one repetition each at least (up to MAX_PROCESSES). A VM's vCPUs change speed from second to second, and
+    repetitions back to back in one process share a phase: the best of several processes seconds apart
+    (`interleaved_round`) is steady where one is a draw. A large model's load time keeps it at one."""
     per_rep = seconds_per_rep(warm)
     start_up = max(warm["wall_s"] - len(warm["tg"]) * per_rep, 0.05)
-    return max(1, min(MAX_PROCESSES, reps // MIN_REPS, int(reps * per_rep / start_up)))
+    return max(1, min(MAX_PROCESSES, reps, int(reps * per_rep / start_up)))
+
+
+def pooled(runs: list[dict]) -> dict:
+    """A contender's processes of one round as one result: all repetitions, the highest peak RSS; the first failure."""
+    failed = next((r for r in runs if not r["ok"]), None)
+    if failed:
+        return failed
+    return {"ok": True, "args": runs[0]["args"], "pp": [x for r in runs for x in r["pp"]],
+            "tg": [x for r in runs for x in r["tg"]], "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            "wall_s": sum(r["wall_s"] for r in runs), "process_starts": [r["started_s"] for r in runs]}
 
 
 def bench_round(engine: Engine, model: Path, args: list[str], reps: int, processes: int) -> dict:
     """One round of a contender: `reps` repetitions split over `processes` llama-bench processes, pooled."""
-    runs = [llama_bench(engine, model, args, reps=math.ceil(reps / processes)) for _ in range(processes)]
-    failed = next((r for r in runs if not r["ok"]), None)
-    if failed:
-        return failed
-    return {"ok": True, "args": args, "pp": [x for r in runs for x in r["pp"]], "tg": [x for r in runs for x in r["tg"]],
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "wall_s": sum(r["wall_s"] for r in runs)}
+    return pooled([llama_bench(engine, model, args, reps=math.ceil(reps / processes)) for _ in range(processes)])
+
+
+def interleaved_round(engine: Engine, model: Path, args: dict[str, list[str]], reps: dict[str, int],
+                      processes: dict[str, int], machine: list[float]) -> dict[str, dict]:
+    """One round of every contender, their processes taken in turn (a's 1st, b's 1st, ..., a's 2nd, ...), so that
+    one contender's processes lie seconds apart. A VM's vCPUs change speed every second or so (a busy hyperthread
+    sibling on the host; on the H200 a process ran 1,000 prompt repetitions at 250k tok/s, then 2,000 at 350k),
+    and processes run back to back would share one slow phase. The machine's own speed is read before each
+    contender's first process and appended to `machine`."""
+    runs: dict[str, list[dict]] = {name: [] for name in args}
+    for slot in range(max((processes[name] for name in args), default=0)):
+        for name, flags in args.items():
+            if slot >= processes[name] or (runs[name] and not runs[name][-1]["ok"]):
+                continue
+            if slot == 0:
+                machine.append(host_speed())
+            runs[name].append(llama_bench(engine, model, flags, reps=math.ceil(reps[name] / processes[name])))
+    return {name: pooled(r) for name, r in runs.items()}
 
 
 def contenders(engine: Engine, model: Path, device: DeviceProfile, threads: int | None = None,
@@ -195,7 +220,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
     A warm-up round (not counted) times each contender and sets its repetitions per round, so that a round's
     measured work lasts at least `min_round_s`; a round's sample is its best repetition (the machine's noise only
     ever slows a run down, as Python's timeit argues), and its median repetition is kept beside it. A contender
-    that starts fast splits its round over several processes (`processes_for`), and the best process counts."""
+    that starts fast splits its round over several processes (`processes_for`), taken in turn with the other
+    contenders' (`interleaved_round`), and the best process counts."""
     from .inventory import read_gguf, summarize
 
     if runs < 1:
@@ -225,11 +251,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
             f"{reps[name]} repetitions per round in {processes[name]} process(es)")
     machine = []
     for i in range(runs):
-        for name, c in found.items():
-            if name in errors:
-                continue
-            machine.append(host_speed())
-            r = bench_round(engine, model, c["args"], reps[name], processes[name])
+        active = {name: c["args"] for name, c in found.items() if name not in errors}
+        for name, r in interleaved_round(engine, model, active, reps, processes, machine).items():
             if not r["ok"]:
                 errors[name] = r["error"]
                 continue

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from ccmoe_runtime.bench import processes_for, reps_for
+from ccmoe_runtime.bench import interleaved_round, processes_for, reps_for
+from ccmoe_runtime.engine import find_engine
+from ccmoe_runtime.sources import bundled_model_path
 from conftest import run_cli
 
 
@@ -30,12 +32,12 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
             assert c[key]["median"] > 100                                  # tokens/s of an 8M-parameter model
         assert 10e6 < c["peak_rss_bytes"] < 2e9
         assert 1 <= c["reps_per_round"] <= 100 and c["round_medians"]["tg"]["median"] <= c["tg"]["median"]
-        assert 1 <= c["processes_per_round"] <= min(5, c["reps_per_round"] // 3 or 1)
+        assert 1 <= c["processes_per_round"] <= min(8, c["reps_per_round"])
     assert r["host_speed"]["median"] > 1e5 and len(r["host_speed"]["samples"]) == 6    # 3 rounds x 2 contenders
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
-    assert r["version"] == 4                 # 3: bandwidth_share per pool; 4: processes_per_round
+    assert r["version"] == 5         # 3: bandwidth_share per pool; 4: processes_per_round; 5: processes interleaved
     # the bundled model starts in a fraction of a second, so at least one contender split its rounds over processes
     assert max(c["processes_per_round"] for c in r["contenders"].values()) >= 2
 
@@ -44,10 +46,33 @@ def test_a_round_is_split_over_processes_only_when_they_start_fast():
     # warm-ups as llama-bench reports them (3 repetitions): the bundled model on an H100, the 30B Q8_0 at 24 GB
     small = {"pp": [340_000.0] * 3, "tg": [1_000.0] * 3, "wall_s": 1.2}
     large = {"pp": [2_800.0] * 3, "tg": [80.0] * 3, "wall_s": 15.0}
-    assert (reps_for(small, 5.0), processes_for(small, reps_for(small, 5.0))) == (39, 5)
+    assert (reps_for(small, 5.0), processes_for(small, reps_for(small, 5.0))) == (39, 6)
     assert (reps_for(large, 5.0), processes_for(large, reps_for(large, 5.0))) == (3, 1)
     slow_start = {**small, "wall_s": 6.0}       # a process that takes seconds to start: fewer of them
     assert processes_for(slow_start, 39) == 1
+    # the 10B Q8_0 with every expert in host memory on the H200 (2.3 s a repetition, about 1.5 s to start): its 3
+    # repetitions run in 3 processes, seconds apart, instead of back to back in one
+    cpu_bound = {"pp": [558.0] * 3, "tg": [96.6] * 3, "wall_s": 8.4}
+    assert (reps_for(cpu_bound, 5.0), processes_for(cpu_bound, 3)) == (3, 3)
+
+
+def test_a_round_takes_the_contenders_processes_in_turn():
+    # real llama-bench processes on the bundled model, two contenders of two processes each: a's first, b's first,
+    # a's second, b's second, each pooled into one result
+    machine: list[float] = []
+    flags = {"a": ["-t", "1"], "b": ["-t", "2"]}
+    r = interleaved_round(find_engine(), bundled_model_path(), flags, {"a": 2, "b": 2}, {"a": 2, "b": 2}, machine)
+    assert all(x["ok"] and len(x["pp"]) == 2 and len(x["tg"]) == 2 for x in r.values())
+    a, b = r["a"]["process_starts"], r["b"]["process_starts"]
+    assert a[0] < b[0] < a[1] < b[1]
+    assert len(machine) == 2                   # the machine's speed, before each contender's first process
+
+
+def test_a_contender_that_fails_in_a_round_runs_no_more_processes_of_it():
+    flags = {"a": ["-t", "1"], "bad": ["--no-such-flag"]}
+    r = interleaved_round(find_engine(), bundled_model_path(), flags, {"a": 3, "bad": 3}, {"a": 3, "bad": 3}, [])
+    assert r["a"]["ok"] and len(r["a"]["process_starts"]) == 3
+    assert not r["bad"]["ok"] and r["bad"]["error"]
 
 
 def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
