@@ -1,5 +1,6 @@
 # Shared set-up of the GPU jobs (sourced): work folders and log, Python path, the carried llama.cpp source,
-# the CUDA engine build, and gpu_hold (emulate a smaller card).
+# the CUDA engine build, and gpu_hold (emulate a smaller card). What they need from here travels in .carry/
+# (benchmarks/gpu_carry.sh fills it; name it in the device call's carry).
 set -uo pipefail
 T0=$(date +%s)
 FREE_MIB=${FREE_MIB:-24077}          # what llama.cpp's fit saw free on an RTX 4090 (tools/fit-params/README.md)
