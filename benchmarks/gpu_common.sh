@@ -35,6 +35,10 @@ gpu_setup() {
   fi
 }
 
+gpu_engine_bin() {   # the built engine's bin/ (after gpu_build_engine)
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json"
+}
+
 gpu_build_engine() {
   gpu_unpack_carried_engine
   say "engine build (CUDA, sm_90)"
@@ -67,7 +71,7 @@ gpu_unpack_carried_engine() {
 gpu_pack_engine() {
   [ -n "${PACK_ENGINE:-}" ] || return 0
   local dir size
-  dir=$(python3 -c 'import json,sys,pathlib; print(pathlib.Path(json.load(open(sys.argv[1]))["bin_dir"]).parent)' "$W/engine.json")
+  dir=$(dirname "$(gpu_engine_bin)")
   tar cf - -C "$(dirname "$dir")" "$(basename "$dir")" | xz -T16 -6 > "$W/engine-cuda.tar.xz"
   size=$(stat -c %s "$W/engine-cuda.tar.xz")
   if [ "$size" -le $(( 45 * 1024 * 1024 )) ]; then
@@ -116,7 +120,7 @@ gpu_generated() {    # wait for every gpu_generate model
 # which way is steady.
 gpu_launch_probe() {
   local bench bundled how cmd
-  bench=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
+  bench=$(gpu_engine_bin)/llama-bench
   bundled=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())")
   say "launch probe on $bundled: pp512, 5 processes each way, best of 30 repetitions"
   for how in "default" "-t 8" "-t 4" "-t 1" "--poll 0" "taskset -c 3"; do
@@ -140,7 +144,7 @@ gpu_launch_probe() {
 # threads in 3 processes each. Every line says when it ran, so process speeds can be set against the clocks.
 gpu_spread_probe() {
   local bench bundled ten i t pick cpu
-  bench=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
+  bench=$(gpu_engine_bin)/llama-bench
   bundled=$(python3 -c "from ccmoe_runtime.sources import bundled_model_path as p; print(p())")
   ten="$W/qwen3moe-10b-q8_0.gguf"
   say "spread probe: steal $(awk '/^cpu /{print $9}' /proc/stat) jiffies since boot"

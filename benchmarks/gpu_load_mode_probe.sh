@@ -10,7 +10,7 @@ gpu_generate "$MODEL" 48 30
 gpu_build_engine
 gpu_generated
 gpu_hold_memory
-BENCH=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bin_dir"])' "$W/engine.json")/llama-bench
+BENCH=$(gpu_engine_bin)/llama-bench
 for round in $(seq 1 "${ROUNDS:-3}"); do
   for mode in mmap none; do
     extra=(); [ "$mode" = none ] && extra=(-lm none)

@@ -23,14 +23,14 @@ class Quality:
     same_top: float          # share of tokens whose most likely next token agrees with the reference (0..1)
     ppl: float
     ppl_base: float
-    chunks: int              # chunks evaluated (the last may be missing from the log, see _perplexity)
+    chunks: int              # chunks evaluated (the last may be missing from the log, see run_perplexity)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _perplexity(engine: Engine, args: list[str], what: str, last_line: str = "", attempts: int = 3) -> str:
-    """Run llama-perplexity; rerun when its report lacks `last_line`.
+def run_perplexity(engine: Engine, args: list[str], what: str, last_line: str = "", attempts: int = 3) -> str:
+    """Run llama-perplexity and return its report (stdout and stderr); rerun when the report lacks `last_line`.
 
     llama.cpp's logger is an unjoined background thread (common/log.cpp, issue 22142), so the last lines
     of a report are sometimes lost at exit, more often on a busy machine.
@@ -42,7 +42,7 @@ def _perplexity(engine: Engine, args: list[str], what: str, last_line: str = "",
         if result.returncode:
             tail = " | ".join(line for line in result.stderr.strip().splitlines()[-3:])
             raise CcmoeError(f"llama-perplexity failed on {what} ({tail})", "check the model and the text", EXIT_ENGINE)
-        if last_line in result.stdout:
+        if last_line in result.stdout + result.stderr:
             break
     return result.stdout + result.stderr
 
@@ -56,7 +56,7 @@ def save_reference_logits(engine: Engine, model: Path, text: Path, out: Path, ct
     args = ["-m", str(model), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "--kl-divergence-base", str(tmp)]
     args += ["--chunks", str(chunks)] if chunks else []
     try:
-        _perplexity(engine, args + (["-t", str(threads)] if threads else []), str(model))
+        run_perplexity(engine, args + (["-t", str(threads)] if threads else []), str(model))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -88,7 +88,7 @@ def kl_divergence(engine: Engine, model: Path, reference_logits: Path, ctx: int 
     """Mean and p99 KL-divergence, top-token agreement and perplexity of `model` against saved reference logits."""
     args = ["-m", str(model), "--kl-divergence-base", str(reference_logits), "--kl-divergence",
             "-c", str(ctx), "-b", str(ctx)] + (["-t", str(threads)] if threads else [])
-    out = _perplexity(engine, args, str(model), last_line="Same top p")
+    out = run_perplexity(engine, args, str(model), last_line="Same top p")
     last = _last_chunk(out)
     mean = _stat(out, r"Mean\s+KLD")
     if mean is None and last is None:

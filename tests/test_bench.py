@@ -68,7 +68,7 @@ def test_a_round_takes_the_contenders_processes_in_turn():
     assert len(machine) == 2                   # the machine's speed, before each contender's first process
 
 
-def test_a_contender_that_fails_in_a_round_runs_no_more_processes_of_it():
+def test_a_contender_that_fails_in_a_round_reports_its_failure_and_the_others_still_count():
     flags = {"a": ["-t", "1"], "bad": ["--no-such-flag"]}
     r = interleaved_round(find_engine(), bundled_model_path(), flags, {"a": 3, "bad": 3}, {"a": 3, "bad": 3}, [])
     assert r["a"]["ok"] and len(r["a"]["process_starts"]) == 3

@@ -10,6 +10,7 @@ import pytest
 from ccmoe_runtime.stats import expert_counts, run_imatrix, usage_entropy
 from ccmoe_runtime.synth import SynthSpec, write_random_gguf
 from ccmoe_runtime.errors import CcmoeError
+from ccmoe_runtime.evaluate import run_perplexity
 from conftest import ROOT, run_cli
 
 
@@ -88,10 +89,10 @@ def test_quantized_generation_loads_and_runs_in_llama_cpp(engine, tmp_path, qtyp
                           "-o", "json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-1000:]
     assert all(r["avg_ts"] > 0 for r in json.loads(out.stdout))
-    ppl = subprocess.run([str(engine.tool("llama-perplexity")), "-m", str(a), "-f", str(_text(tmp_path)), "-c", "64",
-                          "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=300)
-    assert ppl.returncode == 0 and "Final estimate: PPL" in ppl.stdout + ppl.stderr
-    assert "nan" not in (ppl.stdout + ppl.stderr).split("Final estimate")[1].lower()
+    ppl = run_perplexity(engine, ["-m", str(a), "-f", str(_text(tmp_path)), "-c", "64", "--chunks", "2", "-t", "2"],
+                         str(a), last_line="Final estimate")
+    assert "Final estimate: PPL" in ppl
+    assert "nan" not in ppl.split("Final estimate")[1].lower()
     assert synth_main(["-o", str(tmp_path / "cli.gguf"), "--type", qtype, "--n-layer", "2"]) == 0
     assert synth_main(["-o", str(tmp_path / "cli.gguf"), "--type", qtype]) == 2      # exists: --force needed
 
@@ -128,10 +129,10 @@ def test_mixed_types_follow_the_rules_and_run_in_llama_cpp(engine, tmp_path):
                           "-t", "2", "-o", "json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-1000:]
     assert all(r["avg_ts"] > 0 for r in json.loads(out.stdout))
-    ppl = subprocess.run([str(engine.tool("llama-perplexity")), "-m", str(model), "-f", str(_text(tmp_path)), "-c",
-                          "64", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=300)
-    final = (ppl.stdout + ppl.stderr).split("Final estimate: PPL = ")
-    assert ppl.returncode == 0 and len(final) == 2
+    ppl = run_perplexity(engine, ["-m", str(model), "-f", str(_text(tmp_path)), "-c", "64", "--chunks", "2", "-t",
+                                  "2"], str(model), last_line="Final estimate")
+    final = ppl.split("Final estimate: PPL = ")
+    assert len(final) == 2
     assert 1.0 < float(final[1].split()[0]) < 10 * spec.vocab_size      # finite: no NaN or inf from the scales
     bad = tmp_path / "bad.txt"
     bad.write_text("attn_v=q7_k\n")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ccmoe_runtime.corpus import Corpus
+from ccmoe_runtime.evaluate import run_perplexity
 from ccmoe_runtime.inventory import read_gguf, summarize
 from ccmoe_runtime.serve import LlamaServer, ServerConfig, complete
 from ccmoe_runtime.tokenizer import byte_vocab, train_bpe
@@ -59,10 +60,10 @@ def test_bundled_model_is_a_trained_moe(bundled_model):
 
 def test_bundled_model_beats_unigram_on_heldout_text(engine, bundled_model, corpus):
     """llama-perplexity on the held-out text, against the training report's unigram baseline."""
-    out = subprocess.run([str(engine.tool("llama-perplexity")), "-m", str(bundled_model), "-f", str(corpus.heldout),
-                          "-c", "256", "-b", "256", "-t", "2", "--chunks", "60"], capture_output=True, text=True, timeout=600)
-    m = re.search(r"Final estimate: PPL = ([\d.]+)", out.stdout + out.stderr)
-    assert m, out.stderr[-2000:]
+    out = run_perplexity(engine, ["-m", str(bundled_model), "-f", str(corpus.heldout), "-c", "256", "-b", "256",
+                                  "-t", "2", "--chunks", "60"], str(bundled_model), last_line="Final estimate")
+    m = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+    assert m, out[-2000:]
     ppl = float(m.group(1))
     info = json.loads(read_gguf(bundled_model).metadata["ccmoe.training"])
     assert ppl < info["unigram_ppl"] / 3, (ppl, info["unigram_ppl"])
