@@ -17,11 +17,13 @@ from .devices import DeviceProfile
 from .engine import Engine, tool_version
 from .errors import EXIT_USAGE, CcmoeError
 
-BENCH_VERSION = 5        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round;
-#                          5: the contenders' processes interleaved within a round, up to 8, of 1 repetition or more
+BENCH_VERSION = 6        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round;
+#                          5: the contenders' processes interleaved within a round, up to 8, of 1 repetition or more;
+#                          6: at least 8 repetitions per round (3 before) unless a round would last over a minute;
+#                             round_drift (the rounds' move common to all contenders)
 N_PROMPT, N_GEN = 512, 128
 MIN_ROUND_S = 5.0         # measured work per contender per round: short runs are at the mercy of the machine
-MIN_REPS, MAX_REPS = 3, 100     # a round's sample is its best repetition: best of 3 at least
+MIN_REPS, MAX_REPS = 8, 100     # a round's sample is its best repetition: best of 8 at least
 MAX_ROUND_S = 60.0
 MAX_PROCESSES = 8         # a contender that starts fast runs its round in up to 8 processes, best one counted
 
@@ -38,13 +40,26 @@ def quick_hash(path: Path, edge: int = 16 << 20) -> str:
     return "quick-sha256:" + h.hexdigest()
 
 
-def spread(samples: list[float]) -> dict:
+def spread(samples: list[float], digits: int = 2) -> dict:
     """Median, range, relative spread ((max - min) / median) and coefficient of variation of repeated runs."""
     med = statistics.median(samples)
     cv = statistics.stdev(samples) / statistics.mean(samples) if len(samples) > 1 and statistics.mean(samples) else 0.0
-    return {"median": round(med, 2), "min": round(min(samples), 2), "max": round(max(samples), 2),
+    return {"median": round(med, digits), "min": round(min(samples), digits), "max": round(max(samples), digits),
             "spread": round((max(samples) - min(samples)) / med, 4) if med else None, "cv": round(cv, 4),
-            "samples": [round(s, 2) for s in samples]}
+            "samples": [round(s, digits) for s in samples]}
+
+
+def round_drift(samples: dict[str, list[float]]) -> dict | None:
+    """How far all contenders moved together from round to round: per round, the geometric mean over contenders of
+    each one's sample relative to its own median, and the spread of that. A shared move is the machine's speed
+    (the contenders alternate within a round), not one placement's; None with fewer than 2 complete contenders."""
+    rows = [v for v in samples.values() if v and all(x > 0 for x in v)]
+    rounds = {len(v) for v in rows}
+    if len(rows) < 2 or len(rounds) != 1:
+        return None
+    common = [math.exp(statistics.fmean(math.log(v[i] / statistics.median(v)) for v in rows))
+              for i in range(rounds.pop())]
+    return spread(common, digits=4)
 
 
 def run_measured(cmd: list[str], timeout: float) -> tuple[int | None, str, str, int]:
@@ -115,7 +130,9 @@ def seconds_per_rep(warm: dict) -> float:
 
 def reps_for(warm: dict, min_round_s: float) -> int:
     """Repetitions per round: enough for `min_round_s` seconds of measured work, and at least MIN_REPS unless
-    that makes a round last over a minute (a huge model)."""
+    that makes a round last over a minute (a huge model). Repetitions of seconds each (experts in host memory
+    behind a GPU) are few draws of a VM's vCPU phases: if half the moments are slow, all of 3 are slow one round
+    in 8, all of 8 one round in 256."""
     per_rep = seconds_per_rep(warm)
     floor = max(1, min(MIN_REPS, int(MAX_ROUND_S / per_rep)))
     return max(floor, min(MAX_REPS, math.ceil(min_round_s / per_rep)))
@@ -261,6 +278,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
                 samples[name][key + "_median"].append(statistics.median(r[key]))
             samples[name]["rss"].append(r["peak_rss_bytes"])
             say(f"round {i + 1}/{runs} {name}: pp {samples[name]['pp'][-1]:.1f} tg {samples[name]['tg'][-1]:.1f} tok/s")
+    counted = {name: samples[name] for name in found if name not in errors}
+    drift = {key: round_drift({name: got[key] for name, got in counted.items()}) for key in ("pp", "tg")}
     result = {}
     for name, c in found.items():
         if name in errors:
@@ -278,7 +297,8 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
     return {"version": BENCH_VERSION, "model": str(model), "model_hash": quick_hash(model), "device": device.name,
             "backend": device.backend, "engine": engine.key, "engine_version": tool_version(engine), "runs": runs,
             "min_round_s": min_round_s, "notes": found["ccmoe"].get("notes", []),
-            "host_speed": spread(machine) if machine else None, "n_prompt": N_PROMPT, "n_gen": N_GEN, "contenders": result}
+            "host_speed": spread(machine) if machine else None, "round_drift": drift, "n_prompt": N_PROMPT,
+            "n_gen": N_GEN, "contenders": result}
 
 
 def regressions(current: dict, baseline: dict, max_regression_pct: float) -> list[str]:

@@ -547,6 +547,11 @@ def bench(device, model, runs, threads, history, no_history, baseline, max_regre
         if machine and machine["spread"] and machine["spread"] > 0.1:
             click.echo(f"  note: this machine's own speed (a fixed CPU loop, no llama.cpp) varied {machine['spread']:.0%} "
                        f"between rounds; tokens/s spreads of that size are the machine's, not the engine's")
+        drift = {k: v["spread"] for k, v in (result.get("round_drift") or {}).items() if v and v["spread"] > 0.05}
+        if drift:
+            moved = " and ".join(f"{v:.0%} ({k})" for k, v in drift.items())
+            click.echo(f"  note: all contenders moved together by {moved} from round to round: the machine's speed "
+                       f"changed during the run; rerun on a quiet machine before reading a spread as the engine's")
     if fell:
         click.echo(f"ccmoe-run: error: tokens/s regressed against {baseline}: " + "; ".join(fell), err=True)
         sys.exit(EXIT_REGRESSION)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ccmoe_runtime.bench import interleaved_round, processes_for, reps_for
+from ccmoe_runtime.bench import interleaved_round, processes_for, reps_for, round_drift
 from ccmoe_runtime.engine import find_engine
 from ccmoe_runtime.sources import bundled_model_path
 from conftest import run_cli
@@ -37,7 +37,9 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
-    assert r["version"] == 5         # 3: bandwidth_share per pool; 4: processes_per_round; 5: processes interleaved
+    assert r["version"] == 6         # 4: processes_per_round; 5: processes interleaved; 6: 8 repetitions a round
+    for key in ("pp", "tg"):                  # the rounds' move common to both contenders, one value per round
+        assert len(r["round_drift"][key]["samples"]) == 3 and r["round_drift"][key]["median"] > 0
     # the bundled model starts in a fraction of a second, so at least one contender split its rounds over processes
     assert max(c["processes_per_round"] for c in r["contenders"].values()) >= 2
 
@@ -47,13 +49,25 @@ def test_a_round_is_split_over_processes_only_when_they_start_fast():
     small = {"pp": [340_000.0] * 3, "tg": [1_000.0] * 3, "wall_s": 1.2}
     large = {"pp": [2_800.0] * 3, "tg": [80.0] * 3, "wall_s": 15.0}
     assert (reps_for(small, 5.0), processes_for(small, reps_for(small, 5.0))) == (39, 6)
-    assert (reps_for(large, 5.0), processes_for(large, reps_for(large, 5.0))) == (3, 1)
+    assert (reps_for(large, 5.0), processes_for(large, reps_for(large, 5.0))) == (8, 1)
+    huge = {"pp": [60.0] * 3, "tg": [4.0] * 3, "wall_s": 120.0}    # 40 s a repetition: a round stays near a minute
+    assert reps_for(huge, 5.0) == 1
     slow_start = {**small, "wall_s": 6.0}       # a process that takes seconds to start: fewer of them
     assert processes_for(slow_start, 39) == 1
-    # the 10B Q8_0 with every expert in host memory on the H200 (2.3 s a repetition, about 1.5 s to start): its 3
-    # repetitions run in 3 processes, seconds apart, instead of back to back in one
+    # the 10B Q8_0 with every expert in host memory on the H200 (2.2 s a repetition, about 1.7 s to start): a
+    # 5 s round would be 3 repetitions; it runs 8, in 8 processes seconds apart instead of back to back in one
     cpu_bound = {"pp": [558.0] * 3, "tg": [96.6] * 3, "wall_s": 8.4}
-    assert (reps_for(cpu_bound, 5.0), processes_for(cpu_bound, 3)) == (3, 3)
+    assert (reps_for(cpu_bound, 5.0), processes_for(cpu_bound, 8)) == (8, 8)
+
+
+def test_round_drift_is_the_move_common_to_every_contender():
+    # round 3 slow for both (the machine), round 1 fast for one only: the common move is round 3's
+    drift = round_drift({"a": [100.0, 100.0, 80.0, 100.0], "b": [60.0, 50.0, 40.0, 50.0]})
+    assert drift["min"] == pytest.approx((0.8 * 0.8) ** 0.5, abs=1e-3)
+    assert drift["samples"][0] == pytest.approx(1.2 ** 0.5, abs=1e-3)
+    assert drift["median"] == pytest.approx(1.0, abs=1e-3)
+    assert round_drift({"a": [100.0, 90.0]}) is None                  # one contender: nothing to share a move with
+    assert round_drift({"a": [100.0, 90.0], "b": [5.0]}) is None      # rounds missing: not comparable
 
 
 def test_a_round_takes_the_contenders_processes_in_turn():
