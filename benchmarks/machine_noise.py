@@ -6,9 +6,13 @@
               repetition.
   gate        could bench wait for a fast phase?  N processes of tg128 x 10, each with the host loop
               (bench.host_speed) read just before and just after; the correlation of those with the process's best.
+  drift       does the machine's speed move over minutes, which no round of seconds can average out?  N processes
+              of tg128 x REPS back to back (about 5 s each here): each one's median and best tok/s, and the share
+              of CPU time the hypervisor reports as stolen (/proc/stat) while it ran.
 
     python benchmarks/machine_noise.py estimators --trials 3
     python benchmarks/machine_noise.py gate --processes 60
+    python benchmarks/machine_noise.py drift --processes 20 --reps 150
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -73,13 +78,43 @@ def gate(processes: int) -> None:
           f"after {np.corrcoef(a[:, 1], a[:, 2])[0, 1]:.2f}")
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq,
+    steal, ...)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def drift(processes: int, reps: int) -> None:
+    medians = []
+    for i in range(processes):
+        before, started = cpu_times(), time.monotonic()
+        tg = repetitions([], n_prompt=0, reps=reps)["tg"]
+        delta = [b - a for a, b in zip(before, cpu_times())]
+        medians.append(float(np.median(tg)))
+        print(f"process {i + 1:2d}: median {medians[-1]:7.0f}  best {max(tg):7.0f} tok/s  "
+              f"{time.monotonic() - started:4.1f} s  stolen {delta[7] / max(sum(delta), 1):.1%}", flush=True)
+    m = np.array(medians)
+    print(f"{processes} processes of tg128 x {reps}: medians {m.min():.0f}-{m.max():.0f} tok/s, slowest/fastest "
+          f"{m.min() / m.max():.2f}, spread of any 5 back to back up to "
+          f"{max((w.max() - w.min()) / np.median(w) for w in np.lib.stride_tricks.sliding_window_view(m, 5)):.0%}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="question", required=True)
     sub.add_parser("estimators").add_argument("--trials", type=int, default=3)
     sub.add_parser("gate").add_argument("--processes", type=int, default=60)
+    d = sub.add_parser("drift")
+    d.add_argument("--processes", type=int, default=20)
+    d.add_argument("--reps", type=int, default=150)
     a = p.parse_args()
-    estimators(a.trials) if a.question == "estimators" else gate(a.processes)
+    if a.question == "estimators":
+        estimators(a.trials)
+    elif a.question == "gate":
+        gate(a.processes)
+    else:
+        drift(a.processes, a.reps)
     return 0
 
 
