@@ -18,16 +18,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ccmoe_runtime.bench import host_speed  # noqa: E402
+from ccmoe_runtime.bench import host_speed, llama_bench  # noqa: E402
 from ccmoe_runtime.engine import find_engine  # noqa: E402
 from ccmoe_runtime.sources import bundled_model_path  # noqa: E402
 
@@ -36,11 +34,11 @@ ESTIMATORS = {"best": np.max, "p90": lambda x: np.percentile(x, 90), "p75": lamb
 
 
 def repetitions(args: list[str], n_prompt: int = 512, reps: int = 10) -> dict[str, list[float]]:
-    """One llama-bench process on the bundled model: tokens/s of each repetition, by measure."""
-    cmd = [str(find_engine().tool("llama-bench")), "-m", str(bundled_model_path()), "-p", str(n_prompt), "-n", "128",
-           "-r", str(reps), "-o", "json", *args]
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    return {("pp" if r["n_prompt"] else "tg"): r["samples_ts"] for r in rows}
+    """One llama-bench process on the bundled model (bench.llama_bench): tokens/s of each repetition, by measure."""
+    r = llama_bench(find_engine(), bundled_model_path(), args, reps=reps, n_prompt=n_prompt)
+    if not r["ok"]:
+        raise SystemExit(f"llama-bench failed: {r['error']}")
+    return {key: r[key] for key in ("pp", "tg") if key in r}
 
 
 def estimators(trials: int) -> None:
@@ -95,9 +93,10 @@ def drift(processes: int, reps: int) -> None:
         print(f"process {i + 1:2d}: median {medians[-1]:7.0f}  best {max(tg):7.0f} tok/s  "
               f"{time.monotonic() - started:4.1f} s  stolen {delta[7] / max(sum(delta), 1):.1%}", flush=True)
     m = np.array(medians)
+    window = min(5, len(m))                 # as many as a bench's rounds
     print(f"{processes} processes of tg128 x {reps}: medians {m.min():.0f}-{m.max():.0f} tok/s, slowest/fastest "
-          f"{m.min() / m.max():.2f}, spread of any 5 back to back up to "
-          f"{max((w.max() - w.min()) / np.median(w) for w in np.lib.stride_tricks.sliding_window_view(m, 5)):.0%}")
+          f"{m.min() / m.max():.2f}, spread of any {window} back to back up to "
+          f"{max((w.max() - w.min()) / np.median(w) for w in np.lib.stride_tricks.sliding_window_view(m, window)):.0%}")
 
 
 def main() -> int:

@@ -158,11 +158,6 @@ def pooled(runs: list[dict]) -> dict:
             "wall_s": sum(r["wall_s"] for r in runs), "process_starts": [r["started_s"] for r in runs]}
 
 
-def bench_round(engine: Engine, model: Path, args: list[str], reps: int, processes: int) -> dict:
-    """One round of a contender: `reps` repetitions split over `processes` llama-bench processes, pooled."""
-    return pooled([llama_bench(engine, model, args, reps=math.ceil(reps / processes)) for _ in range(processes)])
-
-
 def interleaved_round(engine: Engine, model: Path, args: dict[str, list[str]], reps: dict[str, int],
                       processes: dict[str, int], machine: list[float]) -> dict[str, dict]:
     """One round of every contender, their processes taken in turn (a's 1st, b's 1st, ..., a's 2nd, ...), so that
@@ -262,7 +257,10 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
         reps[name] = reps_for(warm, min_round_s)
         processes[name] = processes_for(warm, reps[name])
         if reps[name] > 3:                          # a short probe: warm up for a whole round as well
-            warm = bench_round(engine, model, c["args"], reps[name], processes[name])
+            warm = interleaved_round(engine, model, {name: c["args"]}, reps, processes, [])[name]
+            if not warm["ok"]:
+                errors[name] = warm["error"]
+                continue
         samples[name]["rss"].append(warm["peak_rss_bytes"])
         say(f"warm-up {name}: pp {statistics.median(warm['pp']):.1f} tg {statistics.median(warm['tg']):.1f} tok/s; "
             f"{reps[name]} repetitions per round in {processes[name]} process(es)")
