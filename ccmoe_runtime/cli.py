@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .engine import CPU_FEATURE_SETS
 from .errors import CcmoeError
 
 
@@ -72,19 +73,24 @@ def engine() -> None:
               help="llama.cpp backend (default: this host's: cuda with nvidia-smi, metal on macOS, else cpu).")
 @click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: all cores).")
 @click.option("--cmake-flag", "extra", multiple=True, help="Extra CMake flag, e.g. -DCMAKE_CUDA_ARCHITECTURES=90.")
+@click.option("--cpu", type=click.Choice(list(CPU_FEATURE_SETS)), default=None,
+              help="CPU feature set (default: native, then the next one whenever a build fails its self-test here).")
 @click.option("--json", "as_json", is_flag=True, help="Print the engine as JSON.")
-def engine_build(backend, jobs, extra, as_json) -> None:
-    """Build llama.cpp's tools from the vendored source, or reuse the cached build with the same key."""
-    from .engine import build_engine
+def engine_build(backend, jobs, extra, cpu, as_json) -> None:
+    """Build llama.cpp's tools from the vendored source (or reuse the cached build with the same key) and
+    self-test them on small generated models."""
+    from .engine import ensure_engine
 
     progress = None if as_json else (lambda line: click.echo(f"\r{line[:110]:<110}", nl=False, err=True))
-    eng = build_engine(backend, jobs, tuple(extra), progress)
+    say = None if as_json else (lambda msg: click.echo(f"\n{msg}", err=True))
+    eng = ensure_engine(backend, jobs, tuple(extra), progress, cpu=cpu, say=say)
     if progress:
         click.echo("", err=True)
     if as_json:
         _print_json({**asdict(eng), "bin_dir": str(eng.bin_dir)})
     else:
-        click.echo(f"engine {eng.key} ({eng.backend}) ready in {eng.bin_dir}")
+        why = f" ({eng.cpu_features_reason})" if eng.cpu_features_reason else ""
+        click.echo(f"engine {eng.key} ({eng.backend}, CPU features {eng.cpu_features}{why}) ready in {eng.bin_dir}")
 
 
 @engine.command("info")
@@ -96,19 +102,28 @@ def engine_info(llama_cpp_dir, backend, as_json) -> None:
     """Show the engine in use: tools, version, and any feature ccmoe-run needs that it lacks."""
     from .engine import TOOLS, engine_summary, find_engine
 
+    from .selftest import run_self_test, save_self_test
+
     eng = find_engine(backend, llama_cpp_dir)
     info = engine_summary(eng)
+    test = run_self_test(eng)
+    save_self_test(eng, test)
+    info["self_test"] = test.to_dict()
     if as_json:
         _print_json(info)
     else:
         click.echo(f"engine   {info['key'] or '(user build)'}  backend={info['backend']}  origin={info['origin']}")
         click.echo(f"path     {info['bin_dir']}")
         click.echo(f"version  {info['version']} (llama.cpp commit {info['commit']})")
+        click.echo(f"cpu      {eng.cpu_features}" + (f" ({eng.cpu_features_reason})" if eng.cpu_features_reason else ""))
         for tool in TOOLS:
             click.echo(f"  {'ok ' if info['tools'][tool] else 'MISSING'} {tool}")
         for tool, missing in info["missing_features"].items():
             click.echo(f"  {tool} lacks: {', '.join(missing)}")
-    if info["missing_features"]:
+        click.echo(f"self-test {'passed' if test.ok else 'FAILED'}: {len(test.checks)} runs in {test.seconds} s")
+        for c in test.failures:
+            click.echo(f"  FAILED {c.tool} on {c.model}: {c.detail}")
+    if info["missing_features"] or not test.ok:
         sys.exit(3)
 
 

@@ -53,8 +53,18 @@ COMMON_FLAGS = (
     "-DLLAMA_OPENSSL=OFF",
     "-DGGML_RPC=ON",
     "-DGGML_CCACHE=OFF",
-    "-DGGML_NATIVE=ON",
 )
+# CPU feature sets, best first. `native` is -march=native; AMX hosts whose hypervisor advertises AMX but traps
+# its instructions (SIGILL at tileloadd) need `native-no-amx`: GCC's explicit -mno-* flags win over -march=native.
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CPU_FEATURE_SETS = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "native-no-amx": ("-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"),
+    "avx2": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON"),
+    "portable": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF",
+                 "-DGGML_BMI2=OFF"),
+}
 BACKEND_FLAGS = {
     "cpu": (),
     "cuda": ("-DGGML_CUDA=ON",),
@@ -84,6 +94,9 @@ class Engine:
     flags: list[str] = field(default_factory=list)
     origin: str = "cache"  # "cache" (built by ccmoe-run) or "user" (an existing build)
     build_seconds: float | None = None
+    cpu_features: str = "native"
+    cpu_features_reason: str = ""
+    self_test_ok: bool | None = None   # None: not run yet
 
     def tool(self, name: str) -> Path:
         """Path of a tool binary, or a clear error if this engine lacks it."""
@@ -189,10 +202,60 @@ def default_backend() -> str:
     return "cpu"
 
 
-def build_flags(backend: str, extra: tuple[str, ...] = ()) -> list[str]:
+def build_flags(backend: str, extra: tuple[str, ...] = (), cpu: str = "native") -> list[str]:
+    """CMake flags for `backend` with the CPU feature set `cpu` (see CPU_FEATURE_SETS)."""
     if backend not in BACKENDS:
         raise CcmoeError(f"unknown backend {backend!r}", f"choose one of: {', '.join(BACKENDS)}")
-    return [*COMMON_FLAGS, *BACKEND_FLAGS[backend], *extra]
+    if cpu not in CPU_FEATURE_SETS:
+        raise CcmoeError(f"unknown CPU feature set {cpu!r}", f"choose one of: {', '.join(CPU_FEATURE_SETS)}")
+    return [*COMMON_FLAGS, *CPU_FEATURE_SETS[cpu], *BACKEND_FLAGS[backend], *extra]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def signal_name(code: int | None) -> str | None:
+    """SIGILL for a process that died by signal 4 (subprocess reports it as -4), else None."""
+    import signal as _signal
+
+    if code is None or code >= 0:
+        return None
+    try:
+        return _signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def describe_exit(code: int) -> str:
+    """A process's exit code in words: 'exit 1', or the signal's name and what it means."""
+    import signal as _signal
+
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = _signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    meaning = SIGNAL_MEANINGS.get(name, "")
+    return f"killed by {name}" + (f": {meaning}" if meaning else "")
+
+
+SIGNAL_MEANINGS = {
+    "SIGILL": "the engine uses a CPU instruction this machine refuses",
+    "SIGSEGV": "the engine crashed (invalid memory access)",
+    "SIGBUS": "the engine crashed (bad memory access; a truncated or changing model file?)",
+    "SIGABRT": "the engine aborted (a failed internal check)",
+    "SIGFPE": "the engine crashed (arithmetic fault)",
+    "SIGKILL": "the process was killed (out of memory?)",
+}
 
 
 def _host_signature() -> str:
@@ -235,11 +298,58 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict[str, str], progress) -
                          f"see the full log at {log_path}", EXIT_ENGINE)
 
 
+def cpu_fallbacks(flags: set[str] | None = None, machine: str | None = None) -> list[str]:
+    """CPU feature sets to try, best first: native, then native without AMX where the CPU advertises AMX, then
+    AVX2 where it has it, then a portable build."""
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64"):
+        return ["native", "portable"]
+    chain = ["native"]
+    if "amx_tile" in flags:
+        chain.append("native-no-amx")
+    if "avx2" in flags:
+        chain.append("avx2")
+    return [*chain, "portable"]
+
+
+def ensure_engine(backend: str | None = None, jobs: int | None = None, extra_flags: tuple[str, ...] = (),
+                  progress=None, cpu: str | None = None, say=None) -> Engine:
+    """A cached engine for `backend` that passed its self-test: build the best CPU feature set first and, when a
+    tool dies by a signal on this host (an instruction it refuses, a crash in a CPU kernel), the next one."""
+    from .selftest import cached_self_test, run_self_test, save_self_test
+
+    tried: list[str] = []
+    for features in [cpu] if cpu else cpu_fallbacks():
+        engine = build_engine(backend, jobs, extra_flags, progress, cpu=features, reason="; ".join(tried))
+        result = cached_self_test(engine)
+        if result is None:
+            if say:
+                say(f"self-test of engine {engine.key} ({features}) ...")
+            result = run_self_test(engine)
+            save_self_test(engine, result)
+        if result.ok:
+            if tried and engine.cpu_features_reason != "; ".join(tried):
+                save_self_test(engine, result, "; ".join(tried))
+            return engine
+        crashed = [c for c in result.failures if c.signal]
+        if not crashed:
+            raise CcmoeError(f"the engine {engine.key} failed its self-test ({result.reason()})",
+                             "see `ccmoe-run engine info` for every check", EXIT_ENGINE)
+        tried.append(f"{features}: {result.reason()}")
+        if say:
+            say(f"engine {engine.key} ({features}) fails here: {result.reason()}; trying the next CPU feature set")
+    raise CcmoeError(f"no build of the engine runs on this host ({'; '.join(tried)})",
+                     "report this CPU (/proc/cpuinfo) or point --llama-cpp-dir at a llama.cpp build that works here",
+                     EXIT_ENGINE)
+
+
 def build_engine(backend: str | None = None, jobs: int | None = None, extra_flags: tuple[str, ...] = (),
-                 progress=None) -> Engine:
-    """Build the tools for `backend` into the cache, or return the cached build with the same key."""
+                 progress=None, cpu: str = "native", reason: str = "") -> Engine:
+    """Build the tools for `backend` with the CPU feature set `cpu` into the cache, or return the cached build with
+    the same key (`reason`: why a better feature set was not used, recorded in engine.json)."""
     backend = backend or default_backend()
-    flags = build_flags(backend, extra_flags)
+    flags = build_flags(backend, extra_flags, cpu)
     source = ensure_vendor()
     key = engine_key(source.commit, backend, flags)
     published = cache_root() / "engines" / key
@@ -263,7 +373,7 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
         _run_logged(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *BUILD_TARGETS],
                     log_path, env, progress)
         engine = _publish(build_dir / "bin", published, backend, key, source.commit, flags,
-                          time.monotonic() - started)
+                          time.monotonic() - started, cpu, reason)
         return engine
     finally:
         lock.close()
@@ -277,7 +387,7 @@ def reusable(published: Path) -> bool:
 
 
 def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str, flags: list[str],
-             seconds: float) -> Engine:
+             seconds: float, cpu: str = "native", reason: str = "") -> Engine:
     """Copy the built tools and libraries into the engine cache and write its manifest."""
     tmp = published.with_name(published.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,6 +397,7 @@ def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str
             shutil.copy2(item, tmp / "bin" / item.name, follow_symlinks=False)
     manifest = {"backend": backend, "key": key, "commit": commit, "flags": flags,
                 "package": f"{PINNED_PACKAGE}=={PINNED_VERSION}", "build_seconds": round(seconds, 1),
+                "cpu_features": cpu, "cpu_features_reason": reason,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (tmp / "engine.json").write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.rmtree(published, ignore_errors=True)
@@ -297,8 +408,11 @@ def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str
 def load_engine_dir(path: Path) -> Engine:
     """An engine published in the cache (a folder with engine.json and bin/)."""
     info = json.loads((path / "engine.json").read_text())
+    test = info.get("self_test") or {}
     return Engine(bin_dir=path / "bin", backend=info["backend"], key=info["key"], commit=info["commit"],
-                  flags=info["flags"], origin="cache", build_seconds=info.get("build_seconds"))
+                  flags=info["flags"], origin="cache", build_seconds=info.get("build_seconds"),
+                  cpu_features=info.get("cpu_features", "native"), cpu_features_reason=info.get("cpu_features_reason", ""),
+                  self_test_ok=test.get("ok"))
 
 
 def cached_engines() -> list[Engine]:
@@ -331,7 +445,7 @@ def find_engine(backend: str | None = None, llama_cpp_dir: str | Path | None = N
     chosen = llama_cpp_dir or os.environ.get(ENGINE_ENV)
     if chosen:
         return user_engine(Path(chosen))
-    engines = cached_engines()
+    engines = [e for e in cached_engines() if e.self_test_ok is not False]
     if backend:
         engines = [e for e in engines if e.backend == backend]
     if not engines:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ccmoe_runtime.engine import build_engine
+from ccmoe_runtime.engine import ensure_engine
 from ccmoe_runtime.synth import SynthSpec, write_random_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def engine():
-    """The cached llama.cpp build for this host (set-up builds it; here it is reused)."""
-    return build_engine()
+    """The cached llama.cpp build for this host that passed its self-test (set-up builds it; here it is reused)."""
+    return ensure_engine()
 
 
 @pytest.fixture(scope="session")
