@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ccmoe_runtime.corpus import ensure_corpus
-from ccmoe_runtime.engine import find_engine, load_bindings
-from ccmoe_runtime.inventory import read_gguf, summarize
-from ccmoe_runtime.sources import bundled_model_path
+from ccmoe_runtime.engine.build import find_engine, load_bindings
+from ccmoe_runtime.model.inventory import read_gguf, summarize
+from ccmoe_runtime.model.sources import bundled_model_path
+from ccmoe_runtime.testmodels.corpus import ensure_corpus
 
 
 def perplexity(engine, model, text, ctx: int, threads: int) -> tuple[float, float]:

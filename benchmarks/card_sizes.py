@@ -25,12 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ccmoe_runtime.bench import N_GEN, N_PROMPT, best_n_cpu_moe, llama_bench, spread  # noqa: E402
-from ccmoe_runtime.costmodel import load_factors  # noqa: E402
+from ccmoe_runtime.bench.bench import best_n_cpu_moe, spread
 from ccmoe_runtime.devices import get_profile  # noqa: E402
-from ccmoe_runtime.engine import find_engine  # noqa: E402
-from ccmoe_runtime.inventory import read_gguf, summarize  # noqa: E402
-from ccmoe_runtime.placement import Settings, place  # noqa: E402
+from ccmoe_runtime.engine.build import find_engine  # noqa: E402
+from ccmoe_runtime.engine.tools import N_GEN, N_PROMPT, llama_bench  # noqa: E402
+from ccmoe_runtime.model.inventory import read_gguf, summarize  # noqa: E402
+from ccmoe_runtime.placement.costmodel import load_factors  # noqa: E402
+from ccmoe_runtime.placement.search import Settings, place  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -1,4 +1,4 @@
-"""Each CPU's own speed, now: the pure-Python loop of `ccmoe_runtime.bench.host_speed` pinned to one CPU at a
+"""Each CPU's own speed, now: the pure-Python loop of `ccmoe_runtime.bench.bench.host_speed` pinned to one CPU at a
 time (sched_setaffinity), scanned --scans times, one line per scan in millions of iterations per second.
 A virtual machine's vCPUs can run at different speeds at one moment (a busy hyperthread sibling on the host), and
 a process whose launching thread sits on a slow one runs slow: this shows whether this machine does that."""
@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ccmoe_runtime.bench import host_speed  # noqa: E402
+from ccmoe_runtime.bench.bench import host_speed  # noqa: E402
 
 
 def scan_cpus(cpus: list[int]) -> list[float]:

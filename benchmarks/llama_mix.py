@@ -1,5 +1,5 @@
 """llama.cpp's own per-tensor types for a file type (Q4_K_M, IQ2_XXS ...) at a model's layer count, as
-`regex=type` lines for `python -m ccmoe_runtime.synth --tensor-types`.
+`regex=type` lines for `python -m ccmoe_runtime.model.synth --tensor-types`.
 
 llama-quantize decides a tensor's type from its name, its layer's index among the model's layers and a few
 hyperparameters (expert count 8 or not, GQA ratio), not from its width. So the mix is read off llama-quantize's
@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ccmoe_runtime.build import quantize  # noqa: E402
-from ccmoe_runtime.calibrate import NEEDS_IMATRIX, write_flat_imatrix  # noqa: E402
-from ccmoe_runtime.engine import find_engine  # noqa: E402
-from ccmoe_runtime.inventory import read_gguf  # noqa: E402
-from ccmoe_runtime.plan import tensor_type_lines  # noqa: E402
-from ccmoe_runtime.synth import SynthSpec, write_random_gguf  # noqa: E402
+from ccmoe_runtime.compress.plan import type_lines  # noqa: E402
+from ccmoe_runtime.engine.build import find_engine  # noqa: E402
+from ccmoe_runtime.engine.tools import quantize  # noqa: E402
+from ccmoe_runtime.model.inventory import read_gguf  # noqa: E402
+from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf  # noqa: E402
+from ccmoe_runtime.placement.calibrate import NEEDS_IMATRIX, write_flat_imatrix  # noqa: E402
 
 
 def proxy_spec(arch: str, n_layer: int, n_head: int, n_head_kv: int, head_dim: int, n_expert: int,
@@ -43,8 +43,7 @@ def mix_rules(engine, spec: SynthSpec, ftype: str, folder: Path) -> list[str]:
     source = write_random_gguf(spec, folder / "proxy-f16.gguf", force=True)
     imatrix = write_flat_imatrix(source, folder / "flat.imatrix.gguf") if ftype.lower() in NEEDS_IMATRIX else None
     out = quantize(engine, source, folder / f"proxy-{ftype}.gguf", ftype, [], imatrix=imatrix)
-    return tensor_type_lines({"tensors": {t.name: {"type": t.ggml_type} for t in read_gguf(out).tensors
-                                          if t.ggml_type not in ("F32", "F16", "BF16")}})
+    return type_lines({t.name: t.ggml_type for t in read_gguf(out).tensors if t.ggml_type not in ("F32", "F16", "BF16")})
 
 
 def main() -> int:

@@ -25,9 +25,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ccmoe_runtime.bench import host_speed, llama_bench  # noqa: E402
-from ccmoe_runtime.engine import find_engine  # noqa: E402
-from ccmoe_runtime.sources import bundled_model_path  # noqa: E402
+from ccmoe_runtime.bench.bench import host_speed
+from ccmoe_runtime.engine.build import find_engine  # noqa: E402
+from ccmoe_runtime.engine.tools import llama_bench  # noqa: E402
+from ccmoe_runtime.model.sources import bundled_model_path  # noqa: E402
 
 ESTIMATORS = {"best": np.max, "p90": lambda x: np.percentile(x, 90), "p75": lambda x: np.percentile(x, 75),
               "median": np.median}

@@ -1,7 +1,7 @@
 """ccmoe placement vs llama.cpp's own placements, side by side with llama-bench (pp512, tg128, medians).
 
 Contenders on one model and the same free GPU memory (benchmarks/gpu_hold.py emulates a smaller card):
-  ccmoe      `ccmoe_runtime.placement.place` (calibrated cost model, -ot rules per tensor)
+  ccmoe      `ccmoe_runtime.placement.search.place` (calibrated cost model, -ot rules per tensor)
   fit        llama.cpp's --fit (llama-bench -fitt 1024: the default 1024 MiB margin)
   exps=CPU   all routed experts in host memory (-ot exps=CPU)
   ncmoe=N    --n-cpu-moe N, swept downwards from ccmoe's CPU layer count until a load fails (best = fewest)
@@ -24,12 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ccmoe_runtime.calibrate import calibrate  # noqa: E402
-from ccmoe_runtime.costmodel import host_profile_path, load_factors  # noqa: E402
-from ccmoe_runtime.devices import get_profile, read_nvidia_smi  # noqa: E402
-from ccmoe_runtime.engine import find_engine  # noqa: E402
-from ccmoe_runtime.inventory import read_gguf, summarize  # noqa: E402
-from ccmoe_runtime.placement import Settings, place, save_placement, summary_lines  # noqa: E402
+from ccmoe_runtime.devices import get_profile
+from ccmoe_runtime.devices.detect import read_nvidia_smi  # noqa: E402
+from ccmoe_runtime.engine.build import find_engine  # noqa: E402
+from ccmoe_runtime.model.inventory import read_gguf, summarize  # noqa: E402
+from ccmoe_runtime.placement.calibrate import calibrate  # noqa: E402
+from ccmoe_runtime.placement.costmodel import calibration_path, load_factors  # noqa: E402
+from ccmoe_runtime.placement.search import (  # noqa: E402
+    Settings,
+    place,
+    save_placement,
+    summary_lines,
+)
 
 N_PROMPT, N_GEN = 512, 128
 
@@ -82,7 +88,7 @@ def gpu_state() -> dict:
 
 def ensure_calibration(engine, work: Path, size_mb: int, reps: int) -> Path:
     path = work / "host-profile.json"
-    shared = host_profile_path(get_profile("auto"))
+    shared = calibration_path(get_profile("auto"))
     if not path.is_file() and shared.is_file():              # calibrated by an earlier job on this machine
         path.write_bytes(shared.read_bytes())
     if not path.is_file():
@@ -97,7 +103,7 @@ def ensure_calibration(engine, work: Path, size_mb: int, reps: int) -> Path:
 def ccmoe_placement(engine, model: Path, work: Path, host_profile: Path, extra_margin: int = 0,
                     name: str = "placement", cpu_repack: bool | None = None) -> tuple[dict, list[str]]:
     """Place the model for llama-bench's contexts (pp512: 512 tokens; tg128 measured from an empty context)."""
-    from ccmoe_runtime.placement import DEFAULT_MARGIN
+    from ccmoe_runtime.placement.search import DEFAULT_MARGIN
 
     device = get_profile("auto")
     factors = load_factors(device, host_profile)

@@ -18,15 +18,16 @@ import argparse
 import json
 from pathlib import Path
 
-from ccmoe_runtime.build import build, quantize
-from ccmoe_runtime.compress import load_profile, profile_paths, run_profile
-from ccmoe_runtime.corpus import ensure_corpus
+from ccmoe_runtime.compress.measure import load_profile, profile_paths, run_profile
+from ccmoe_runtime.compress.plan import Budget, make_plan
+from ccmoe_runtime.compress.quality import kl_divergence, save_reference_logits
+from ccmoe_runtime.compress.quantize import build
 from ccmoe_runtime.devices import get_profile
-from ccmoe_runtime.engine import find_engine
-from ccmoe_runtime.evaluate import kl_divergence, save_reference_logits
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.plan import Budget, make_plan
-from ccmoe_runtime.sources import bundled_model_path
+from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.engine.tools import quantize
+from ccmoe_runtime.model.inventory import read_gguf
+from ccmoe_runtime.model.sources import bundled_model_path
+from ccmoe_runtime.testmodels.corpus import ensure_corpus
 
 MIXES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S",
          "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ccmoe_runtime.corpus import ensure_corpus
-from ccmoe_runtime.engine import find_engine
-from ccmoe_runtime.evaluate import save_reference_logits
-from ccmoe_runtime.inventory import read_gguf, summarize
-from ccmoe_runtime.prune import prune_model, resolve_keep
-from ccmoe_runtime.router import router_stats, save_router_stats
-from ccmoe_runtime.sources import bundled_model_path
+from ccmoe_runtime.compress.quality import save_reference_logits
+from ccmoe_runtime.compress.router import router_stats, save_router_stats
+from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.model.inventory import read_gguf, summarize
+from ccmoe_runtime.model.sources import bundled_model_path
+from ccmoe_runtime.prune.prune import prune_model, resolve_keep
+from ccmoe_runtime.testmodels.corpus import ensure_corpus
 
 RATIOS = (0.875, 0.75, 0.5)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -138,7 +138,7 @@ def slice_text(source: Path, out: Path, start: int, size: int) -> Path:
 
 def held_out_size(engine, model: Path, text: Path, ctx: int) -> dict:
     """Chunks of the held-out text, and the tokens llama-perplexity scores (the second half of each chunk)."""
-    from ccmoe_runtime.engine import load_bindings
+    from ccmoe_runtime.engine.build import load_bindings
 
     llm = load_bindings(engine).Llama(model_path=str(model), vocab_only=True, verbose=False)
     chunks = len(llm.tokenize(text.read_text().encode(), add_bos=True)) // ctx

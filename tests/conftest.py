@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ccmoe_runtime.engine import ensure_engine
-from ccmoe_runtime.synth import SynthSpec, write_random_gguf
+from ccmoe_runtime.engine.selftest import ensure_engine
+from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,14 +23,14 @@ def engine():
 
 @pytest.fixture(scope="session")
 def bindings(engine):
-    from ccmoe_runtime.engine import load_bindings
+    from ccmoe_runtime.engine.build import load_bindings
 
     return load_bindings(engine)
 
 
 @pytest.fixture(scope="session")
 def corpus():
-    from ccmoe_runtime.corpus import ensure_corpus
+    from ccmoe_runtime.testmodels.corpus import ensure_corpus
 
     return ensure_corpus()
 
@@ -75,7 +75,7 @@ def dense_model(models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
-    from ccmoe_runtime.sources import bundled_model_path
+    from ccmoe_runtime.model.sources import bundled_model_path
 
     return bundled_model_path()
 

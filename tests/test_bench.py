@@ -6,11 +6,16 @@ import json
 import os
 
 import pytest
-
-from ccmoe_runtime.bench import interleaved_round, processes_for, reps_for, round_drift
-from ccmoe_runtime.engine import find_engine
-from ccmoe_runtime.sources import bundled_model_path
 from conftest import run_cli
+
+from ccmoe_runtime.bench.bench import (
+    interleaved_round,
+    processes_for,
+    reps_for,
+    round_drift,
+)
+from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.model.sources import bundled_model_path
 
 
 @pytest.fixture(scope="module")

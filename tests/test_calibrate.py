@@ -7,13 +7,18 @@ import json
 
 import gguf
 import pytest
-
-import ccmoe_runtime.calibrate as C
-from ccmoe_runtime.calibrate import N_PROMPT, fit_factors, make_models
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.costmodel import HOST_PROFILE_KIND, default_factors, load_factors, predict
-from ccmoe_runtime.devices import get_profile
 from conftest import run_cli
+
+import ccmoe_runtime.placement.calibrate as C
+from ccmoe_runtime.devices import get_profile
+from ccmoe_runtime.model.inventory import read_gguf
+from ccmoe_runtime.placement.calibrate import N_PROMPT, fit_factors, make_models
+from ccmoe_runtime.placement.costmodel import (
+    CALIBRATION_KIND,
+    default_factors,
+    load_factors,
+    predict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundl
     result = run_cli("calibrate", "--device", "auto", "--size-mb", "20", "--types", "q8_0,q4_k", "--reps", "1",
                      "-t", "2", "-o", str(out), "--json", check=True, timeout=600)
     doc = json.loads(out.read_text())
-    assert doc["schema"].endswith(HOST_PROFILE_KIND) and doc["version"] == 1 and doc["backend"] == "cpu"
+    assert doc["schema"].endswith(CALIBRATION_KIND) and doc["version"] == 1 and doc["backend"] == "cpu"
     assert doc["factors"]["efficiency"].get("cpu:q8_0", 0) > 0 and doc["factors"]["token_s"] >= 0
     assert doc["factors"]["efficiency"].get("cpu:q4_k", 0) > 0          # made by llama-quantize, measured alike
     assert {"tiny2/tg/full", "tiny12/tg/full", "medium-q8_0/pp/full", "medium-q4_k/tg/full"} <= set(doc["runs"])
@@ -108,8 +113,8 @@ def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundl
 
 
 def test_types_that_need_an_imatrix_are_made_with_a_flat_one(engine, tmp_path):
-    from ccmoe_runtime.calibrate import requantized, tiny_spec
-    from ccmoe_runtime.synth import write_random_gguf
+    from ccmoe_runtime.model.synth import write_random_gguf
+    from ccmoe_runtime.placement.calibrate import requantized, tiny_spec
 
     source = write_random_gguf(tiny_spec(2), tmp_path / "tiny-q8_0.gguf", qtype="q8_0")
     imatrix = C.write_flat_imatrix(source, tmp_path / "flat.imatrix.gguf")
@@ -138,7 +143,7 @@ H100_SPLIT = {("auto", 16): {"medium-q8_0": (300.41, 3266.79), "medium-q4_0": (2
 
 
 def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_speed():
-    from ccmoe_runtime.calibrate import pick_cpu_settings
+    from ccmoe_runtime.placement.calibrate import pick_cpu_settings
 
     def times(runs: dict) -> dict:
         return {(role, kind): 1.0 / tps for role, (tg, pp) in runs.items() for kind, tps in (("tg", tg), ("pp", pp))}

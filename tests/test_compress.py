@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ccmoe_runtime.build import quantize, verify
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.evaluate import kl_divergence, save_reference_logits
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.plan import class_bits
-from ccmoe_runtime.synth import SynthSpec, write_random_gguf
-
 from conftest import run_cli
+
+from ccmoe_runtime.compress.pipeline import load_plan
+from ccmoe_runtime.compress.plan import Plan, class_bits
+from ccmoe_runtime.compress.quality import kl_divergence, save_reference_logits
+from ccmoe_runtime.compress.quantize import verify
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.engine.tools import quantize
+from ccmoe_runtime.model.inventory import read_gguf
+from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -42,7 +43,7 @@ def test_pre_pruned_deepseek_v3_plan_fits_strix_halo(tmp_path):
     assert plan["schema"] == "ccmoe-runtime/plan" and plan["sensitivity_source"].startswith("gaussian")
     weights = plan["budget"]["weights_bytes"]
     assert 0.99 * weights < plan["total_bytes"] <= weights            # fits, and leaves little unused
-    bpw = {c: v["bpw"] for c, v in class_bits(plan).items()}
+    bpw = {c: v["bpw"] for c, v in class_bits(Plan.from_dict(plan)).items()}
     assert bpw["routed_expert"] < 2.5 < bpw["attention"]              # the bulk is squeezed, the rest kept fine
     assert len(plan["tensors"]) == 61 * 6 + 58 * 6 + 3 * 3 + 2      # every weight matrix is planned
     lines = (tmp_path / "dsv3.types.txt").read_text().split()
@@ -135,10 +136,10 @@ def test_build_skips_unchanged_inputs_and_refuses_to_overwrite(pipeline, bundled
 
 
 def test_verify_catches_a_file_that_differs_from_its_plan(pipeline, engine):
-    plan = json.loads(pipeline["plan"].read_text())
+    plan = load_plan(pipeline["plan"])
     verify(pipeline["out"], plan, engine)
     name = "blk.0.attn_q.weight"
-    plan["tensors"][name]["type"] = "Q8_0" if plan["tensors"][name]["type"] != "Q8_0" else "Q6_K"
+    plan.tensors[name].type = "Q8_0" if plan.tensors[name].type != "Q8_0" else "Q6_K"
     with pytest.raises(CcmoeError, match="differ from the plan"):
         verify(pipeline["out"], plan, engine)
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import run_cli
 from gguf.quants import dequantize
 
-from ccmoe_runtime import convert
-from ccmoe_runtime.errors import EXIT_RESOURCE, EXIT_USAGE, CcmoeError
-from ccmoe_runtime.hfexport import export_hf
-from ccmoe_runtime.sources import resolve_model_path
-from conftest import run_cli
-
+from ccmoe_runtime.core.errors import EXIT_RESOURCE, EXIT_USAGE, CcmoeError
+from ccmoe_runtime.model import convert
+from ccmoe_runtime.model.hfexport import export_hf
+from ccmoe_runtime.model.sources import resolve_model_path
 
 
 def installed(module: str) -> bool:

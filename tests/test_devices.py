@@ -7,10 +7,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from ccmoe_runtime import devices as D
-from ccmoe_runtime.errors import CcmoeError
 from conftest import run_cli
+
+import ccmoe_runtime.devices as devices
+import ccmoe_runtime.devices.detect as detect
+import ccmoe_runtime.devices.profiles as D
+from ccmoe_runtime.core.errors import CcmoeError
 
 REQUIRED = {"strixhalo-128g", "apple-m4max-128g", "apple-m3ultra-512g", "cuda-rtx4090-24g", "cuda-h100-80g", "cpu"}
 
@@ -40,14 +42,14 @@ def test_every_figure_cites_a_source():
 
 def test_unknown_device_lists_the_valid_names():
     with pytest.raises(CcmoeError) as err:
-        D.get_profile("strixhalo-64g")
+        devices.get_profile("strixhalo-64g")
     assert "strixhalo-128g" in str(err.value) and "auto" in str(err.value)
     result = run_cli("devices", "strixhalo-64g")
     assert result.returncode == 2 and result.stderr.startswith("ccmoe-run: error: unknown device")
 
 
 def test_auto_profile_measures_this_host():
-    profile = D.detect_host()
+    profile = detect.detect_host()
     ram = psutil.virtual_memory().total / D.GB
     pool = profile.pools[-1]
     assert abs(pool.capacity_gb - ram) < 0.1
@@ -68,9 +70,9 @@ def _strix_sysfs(root: Path) -> Path:
 
 
 def test_auto_profile_of_a_strix_halo(tmp_path):
-    gpus = D.read_amd_sysfs(_strix_sysfs(tmp_path))
-    facts = D.HostFacts("Linux", "x86_64", "AMD RYZEN AI MAX+ 395 w/ Radeon 8060S", 16, 128 * 1024**3, amd_gpus=gpus)
-    profile = D.profile_from_facts(facts)
+    gpus = detect.read_amd_sysfs(_strix_sysfs(tmp_path))
+    facts = detect.HostFacts("Linux", "x86_64", "AMD RYZEN AI MAX+ 395 w/ Radeon 8060S", 16, 128 * 1024**3, amd_gpus=gpus)
+    profile = detect.profile_from_facts(facts)
     assert profile.backend == "vulkan" and len(profile.pools) == 1
     pool = profile.pools[0]
     assert pool.kind == "unified"
@@ -79,8 +81,8 @@ def test_auto_profile_of_a_strix_halo(tmp_path):
 
 
 def test_auto_profile_of_an_nvidia_desktop():
-    facts = D.HostFacts("Linux", "x86_64", "AMD Ryzen 9 7950X", 16, 128 * 1024**3,
+    facts = detect.HostFacts("Linux", "x86_64", "AMD Ryzen 9 7950X", 16, 128 * 1024**3,
                         nvidia_gpus=[{"name": "NVIDIA GeForce RTX 4090", "memory_total_mib": 24564, "memory_free_mib": 23900}])
-    profile = D.profile_from_facts(facts)
+    profile = detect.profile_from_facts(facts)
     assert profile.backend == "cuda" and profile.pool("gpu").capacity_gb == pytest.approx(25.76, abs=0.01)
     assert profile.pool("cpu") is not None

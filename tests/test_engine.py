@@ -6,15 +6,17 @@ import json
 import shutil
 
 import pytest
-
-from ccmoe_runtime import engine as E
-from ccmoe_runtime.errors import CcmoeError
 from conftest import run_cli
+
+import ccmoe_runtime.engine.build as E
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.core.vendor import PINNED_VERSION, ensure_vendor
+from ccmoe_runtime.engine.selftest import inspect_engine
 
 
 def test_vendored_source_comes_from_the_pinned_package():
-    src = E.ensure_vendor()
-    assert src.package_version == E.PINNED_VERSION
+    src = ensure_vendor()
+    assert src.package_version == PINNED_VERSION
     assert src.commit.startswith("0c1e570")
     assert (src.path / "tools" / "server").is_dir() and (src.path / "gguf-py").is_dir()
 
@@ -32,7 +34,7 @@ def test_cache_key_depends_on_commit_backend_and_flags():
 def test_second_build_reuses_the_cache(engine):
     manifest = engine.bin_dir.parent / "engine.json"
     before = manifest.stat().st_mtime_ns
-    again = E.build_engine(engine.backend)
+    again = E.build_engine(engine.backend, cpu=engine.cpu_features)
     assert again.key == engine.key
     assert manifest.stat().st_mtime_ns == before   # nothing rebuilt or republished
 
@@ -47,10 +49,10 @@ def test_cached_engine_missing_a_tool_is_built_again(engine, tmp_path):
 
 
 def test_engine_has_every_tool_and_feature(engine):
-    info = E.engine_summary(engine)
-    assert all(info["tools"].values()), info["tools"]
-    assert info["missing_features"] == {}
-    assert "version" in info["version"]
+    info = inspect_engine(engine)
+    assert all(info.tools.values()), info.tools
+    assert info.missing_features == {} and info.self_test.ok
+    assert "version" in info.version
 
 
 def test_engine_info_cli_json(engine):

@@ -6,8 +6,8 @@ import gguf
 import numpy as np
 import pytest
 
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.ggml import Ggml
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.engine.ggml import Ggml
 
 # bits per weight of the pinned llama.cpp's formats (shared/engine-notes.md)
 BPW = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.4375, "Q2_K": 2.625,

@@ -6,14 +6,24 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.inventory import classify_tensor, read_gguf, require_moe, save_inventory, summarize
-from ccmoe_runtime.sources import open_inventory, resolve_model_path
-from ccmoe_runtime.synth import SynthSpec, builtin_inventory, layout_inventory, write_random_gguf
 from conftest import run_cli
+
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.model.inventory import (
+    classify_tensor,
+    read_gguf,
+    require_moe,
+    save_inventory,
+    summarize,
+)
+from ccmoe_runtime.model.sources import open_inventory, resolve_model_path
+from ccmoe_runtime.model.synth import (
+    SynthSpec,
+    builtin_inventory,
+    layout_inventory,
+    write_random_gguf,
+)
 
 
 def test_deepseek2_generated_model(deepseek2_model):

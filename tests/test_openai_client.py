@@ -4,6 +4,7 @@ streaming, concurrent clients served at once, the API key, and llama-server's pe
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import time
 
 import psutil
 import pytest
-
-from ccmoe_runtime.serve import free_port
 from conftest import run_cli
+
+from ccmoe_runtime.engine.server import free_port
 
 openai = pytest.importorskip("openai")
 API_KEY = "test-key"
@@ -49,8 +50,9 @@ class RssSampler:
 def server(engine):
     """`ccmoe-run serve` in a child process; yields its ready message (base URL, pid, predicted memory)."""
     cmd = [sys.executable, "-m", "ccmoe_runtime.cli", "serve", "--device", "auto", "--port", str(free_port()),
-           "--ctx", "512", "--parallel", str(PARALLEL), "--api-key", API_KEY, "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--ctx", "512", "--parallel", str(PARALLEL), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CCMOE_API_KEY": API_KEY})
     line = proc.stdout.readline()
     try:
         assert line, proc.stderr.read()

@@ -9,14 +9,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-import ccmoe_runtime.placement as P
-from ccmoe_runtime.costmodel import (MIB, default_factors, predict, tensor_loads, Factors)
-from ccmoe_runtime.devices import load_profile_file
-from ccmoe_runtime.errors import EXIT_RESOURCE, CcmoeError
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.synth import SynthSpec, layout_inventory, write_random_gguf
 from conftest import run_cli
+
+import ccmoe_runtime.engine.tools as T
+import ccmoe_runtime.placement.layout as L
+import ccmoe_runtime.placement.memory as M
+import ccmoe_runtime.placement.rules as R
+import ccmoe_runtime.placement.search as P
+import ccmoe_runtime.placement.summary as S
+from ccmoe_runtime.core.errors import EXIT_RESOURCE, CcmoeError
+from ccmoe_runtime.core.units import MIB
+from ccmoe_runtime.devices.profiles import load_profile_file
+from ccmoe_runtime.model.inventory import kv_bytes_per_token, read_gguf
+from ccmoe_runtime.model.synth import SynthSpec, layout_inventory, write_random_gguf
+from ccmoe_runtime.placement.costmodel import (
+    Factors,
+    default_factors,
+    predict,
+    tensor_loads,
+)
 
 GPU_TOML = """
 name = "{name}"
@@ -69,8 +80,8 @@ def _gpu_profile(tmp_path: Path, gpu_gb: float, name: str = "small-gpu"):
     return load_profile_file(path)
 
 
-def _settings(ctx: int = 1024) -> P.Settings:
-    return P.Settings(ctx=ctx, kv_type="f16", margin_bytes=8 * MIB)
+def _settings(ctx: int = 1024) -> L.Settings:
+    return L.Settings(ctx=ctx, kv_type="f16", margin_bytes=8 * MIB)
 
 
 def _factors(device) -> Factors:
@@ -82,7 +93,7 @@ def _factors(device) -> Factors:
 def test_integer_range_patterns_match_exactly():
     for lo in range(0, 64):
         for hi in range(lo, 64):
-            pattern = re.compile("^(" + "|".join(P.int_range_patterns(lo, hi)) + ")$")
+            pattern = re.compile("^(" + "|".join(R.int_range_patterns(lo, hi)) + ")$")
             assert [n for n in range(0, 130) if pattern.match(str(n))] == list(range(lo, hi + 1)), (lo, hi)
 
 
@@ -91,8 +102,8 @@ def test_rules_are_compact_and_select_exactly_the_cpu_tensors():
     names = [t.name for t in inv.tensors]
     cpu = [n for n in names if re.search(r"blk\.(\d+)\.ffn_(up|gate)_exps", n) and int(n.split(".")[1]) < 40]
     cpu += [n for n in names if "ffn_down_exps" in n and int(n.split(".")[1]) < 39] + ["output.weight"]
-    rules = P.override_rules(cpu)
-    assert P.rule_matches(rules, names) == set(cpu)
+    rules = R.override_rules(cpu)
+    assert R.rule_matches(rules, names) == set(cpu)
     assert len(rules) == 3 and not any("," in r or ";" in r for r in rules)
     assert r"blk\.([3-9]|[1-3][0-9])\.(ffn_gate_exps|ffn_up_exps)\.weight=CPU" in rules
 
@@ -116,7 +127,7 @@ def test_placement_fits_the_gpu_and_beats_all_experts_on_cpu(q4_model, tmp_path)
     gpu = p.memory["gpu"]
     assert gpu.total <= gpu.capacity and gpu.weights > 0 and gpu.kv > 0 and gpu.compute > 0
     assert set(p.tensors.values()) == {"gpu", "cpu"} and p.overrides
-    assert P.rule_matches(p.overrides, list(p.tensors)) == {n for n, w in p.tensors.items()
+    assert R.rule_matches(p.overrides, list(p.tensors)) == {n for n, w in p.tensors.items()
                                                             if w == "cpu" and not n.startswith("token_embd.")}
     all_cpu = {ld.name: ("cpu" if ld.cls == "routed_expert" else "gpu") for ld in tensor_loads(inv)}
     slow = predict(tensor_loads(inv), all_cpu, device, _factors(device), 12)
@@ -124,7 +135,7 @@ def test_placement_fits_the_gpu_and_beats_all_experts_on_cpu(q4_model, tmp_path)
     args = p.server_args()
     assert args[args.index("-ngl") + 1] == "999" and args[args.index("--fit") + 1] == "off"
     assert ";" in p.bench_args()[p.bench_args().index("-ot") + 1] or len(p.overrides) == 1
-    rows = P.layer_rows(p)
+    rows = S.layer_rows(p)
     assert rows[0][0].startswith("0") and "CPU: ffn_" in rows[0][1]
 
 
@@ -145,7 +156,7 @@ def test_measured_memory_refines_the_placement_without_oscillating(q4_model, tmp
 
     def fake_fit_print(engine, model, args):
         rules = args[args.index("-ot") + 1].split(",") if "-ot" in args else []
-        cpu = P.rule_matches(rules, [t.name for t in inv.tensors])
+        cpu = R.rule_matches(rules, [t.name for t in inv.tensors])
         gpu = sum(t.n_bytes for t in inv.tensors if t.name not in cpu and not t.name.startswith("token_embd."))
         calls.append(gpu)
         return {"CUDA0": {"model": gpu + MIB, "context": 4 * MIB, "compute": 100 * MIB},
@@ -173,7 +184,7 @@ def test_a_model_that_fits_nowhere_is_refused(q4_model, tmp_path):
     path.write_text(UNIFIED_TOML.format(visible=4.0).replace("capacity_gb = 4.0", "capacity_gb = 0.6"))
     device = load_profile_file(path)
     with pytest.raises(CcmoeError, match="does not fit") as err:
-        P.place(read_gguf(q4_model), device, default_factors(device), P.Settings(ctx=65536, kv_type="f16"))
+        P.place(read_gguf(q4_model), device, default_factors(device), L.Settings(ctx=65536, kv_type="f16"))
     assert err.value.exit_code == EXIT_RESOURCE
 
 
@@ -188,7 +199,7 @@ def test_expert_frequency_and_kv_type_move_predictions(q4_model, tmp_path):
     device = _gpu_profile(tmp_path, 0.18)
     f = _factors(device)
     where = {ld.name: "gpu" for ld in uniform}
-    kv = P.kv_bytes_per_token(inv)
+    kv = kv_bytes_per_token(inv)
     at_4k = predict(uniform, where, device, f, 12, kv, 4096).decode_tps
     assert predict(uniform, where, device, f, 12, kv, 0).decode_tps > at_4k
     assert predict(uniform, where, device, f, 12, kv * 34 / 64, 4096).decode_tps > at_4k
@@ -200,8 +211,8 @@ def test_place_command_writes_a_versioned_artifact(q4_model, tmp_path):
     out = tmp_path / "placement.json"
     result = run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "1024", "-o", str(out), check=True)
     assert "predicted: prompt" in result.stdout and "llama-server flags: -c 1024 -np 1 -t 2 -ngl 999" in result.stdout
-    doc = P.load_placement(out)
-    assert doc["version"] == P.PLACEMENT_VERSION and doc["device"] == "small-gpu"
+    doc = L.load_placement(out)
+    assert doc["version"] == L.PLACEMENT_VERSION and doc["device"] == "small-gpu"
     assert doc["memory"]["gpu"]["total"] <= doc["memory"]["gpu"]["capacity"]
     as_json = json.loads(run_cli("place", str(q4_model), "--device", str(toml), "--ctx", "1024", "--json",
                                  check=True).stdout)
@@ -213,8 +224,8 @@ def test_place_command_writes_a_versioned_artifact(q4_model, tmp_path):
 def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tmp_path):
     """Calibration's load mode and thread count for host-memory experts reach every tool's flags, and llama-bench
     and llama-fit-params accept them; a placement that is all on the GPU keeps llama.cpp's defaults."""
-    from ccmoe_runtime.bench import llama_bench
-    from ccmoe_runtime.engine import find_engine
+    from ccmoe_runtime.engine.build import find_engine
+    from ccmoe_runtime.engine.tools import llama_bench
 
     inv = read_gguf(q4_model)
     small, big = _gpu_profile(tmp_path, 0.18, "small"), _gpu_profile(tmp_path, 8.0, "big")
@@ -224,7 +235,7 @@ def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tm
     assert hybrid.has_host_weights and hybrid.load_mode == "none" and hybrid.threads == 1
     for args in (hybrid.bench_args(), hybrid.server_args(), hybrid.common_args()):
         assert args[args.index("-lm") + 1] == "none"
-    assert any("--load-mode none" in line for line in P.summary_lines(hybrid))
+    assert any("--load-mode none" in line for line in S.summary_lines(hybrid))
     whole = P.place(inv, big, f, _settings())
     assert not whole.has_host_weights and whole.load_mode == "auto" and "-lm" not in whole.bench_args()
     assert whole.threads == 2                                   # the profile's count: nothing runs from host memory
@@ -232,10 +243,10 @@ def test_measured_cpu_settings_apply_only_to_weights_in_host_memory(q4_model, tm
     r = llama_bench(engine, q4_model, hybrid.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)
     assert r["ok"], r.get("error")
     assert len(r["tg"]) == 1 and r["tg"][0] > 0 and r["peak_rss_bytes"] > inv_bytes(inv) // 2
-    assert P.fit_print(engine, q4_model, ["-c", "256", *hybrid.common_args()]) is not None
+    assert T.fit_print(engine, q4_model, ["-c", "256", *hybrid.common_args()]) is not None
     asked = P.place(inv, small, f, replace(_settings(), load_mode="mmap"))   # the user's choice overrides calibration
     assert asked.load_mode == "mmap" and asked.bench_args()[asked.bench_args().index("-lm") + 1] == "mmap"
-    assert any("--load-mode mmap: as asked" in line for line in P.summary_lines(asked))
+    assert any("--load-mode mmap: as asked" in line for line in S.summary_lines(asked))
     assert llama_bench(engine, q4_model, asked.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)["ok"]
 
 
@@ -246,7 +257,7 @@ def inv_bytes(inv) -> int:
 def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model, tmp_path):
     inv = read_gguf(q4_model)
     device = _gpu_profile(tmp_path, 0.18)
-    fixed = P.place(inv, device, _factors(device), P.Settings(ctx=1024, kv_type="f16", margin_bytes=8 * MIB,
+    fixed = P.place(inv, device, _factors(device), L.Settings(ctx=1024, kv_type="f16", margin_bytes=8 * MIB,
                                                               ubatch_auto=False))
     auto = P.place(inv, device, _factors(device), _settings())
     assert fixed.settings.ubatch == 512 and "-ub" in fixed.bench_args()
@@ -266,14 +277,13 @@ H100_TRIAL_OVERHEAD = 700 * MIB
 
 
 def test_a_trial_run_replaces_the_assumed_overhead_and_keeps_only_placements_that_ran(q4_model, tmp_path, monkeypatch):
-    import ccmoe_runtime.calibrate as C
-    from ccmoe_runtime.engine import find_engine
+    from ccmoe_runtime.engine.build import find_engine
 
     inv = read_gguf(q4_model)
     device = _gpu_profile(tmp_path, 1.43)                           # overhead and margin leave 0.11 GB at first
     f = _factors(device)
     f.gpu_overhead_bytes = H100_TRIAL_OVERHEAD + 300 * MIB          # calibrated on a tiny model: too cautious
-    settings = P.Settings(ctx=1024, kv_type="f16")
+    settings = L.Settings(ctx=1024, kv_type="f16")
     first = P.place(inv, device, f, settings)
     ran = {"n": 0, "second_runs": True}
 
@@ -281,12 +291,12 @@ def test_a_trial_run_replaces_the_assumed_overhead_and_keeps_only_placements_tha
         ran["n"] += 1
         return H100_TRIAL_OVERHEAD if ran["n"] == 1 or ran["second_runs"] else None
 
-    monkeypatch.setattr(C, "run_overhead", replay)
+    monkeypatch.setattr(P, "run_overhead", replay)
     engine = find_engine("cpu")
     tuned = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
     assert ran["n"] == 2 and "trial run" in tuned.memory_source
     assert tuned.memory["gpu"].weights > first.memory["gpu"].weights
-    assert tuned.memory["gpu"].overhead == H100_TRIAL_OVERHEAD and tuned.memory["gpu"].margin == P.TRIAL_MARGIN
+    assert tuned.memory["gpu"].overhead == H100_TRIAL_OVERHEAD and tuned.memory["gpu"].margin == M.TRIAL_MARGIN
     assert tuned.predicted_empty.decode_tps > first.predicted_empty.decode_tps
     ran.update(n=0, second_runs=False)
     kept = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
@@ -295,13 +305,12 @@ def test_a_trial_run_replaces_the_assumed_overhead_and_keeps_only_placements_tha
 
 def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_that_runs(q4_model, tmp_path,
                                                                                        monkeypatch):
-    import ccmoe_runtime.calibrate as C
-    from ccmoe_runtime.engine import find_engine
+    from ccmoe_runtime.engine.build import find_engine
 
     inv = read_gguf(q4_model)
     device = _gpu_profile(tmp_path, 0.6)          # 128 MiB more held back moves experts off; 512 MiB does not fit
     f = _factors(device)
-    settings = P.Settings(ctx=1024, kv_type="f16")
+    settings = L.Settings(ctx=1024, kv_type="f16")
     first = P.place(inv, device, f, settings)
     runs = []
 
@@ -309,7 +318,7 @@ def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_th
         runs.append(bench_args)
         return None if len(runs) == 1 else H100_TRIAL_OVERHEAD
 
-    monkeypatch.setattr(C, "run_overhead", replay)
+    monkeypatch.setattr(P, "run_overhead", replay)
     engine = find_engine("cpu")
     stepped = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
     smallest = P.place(inv, device, replace(f, gpu_overhead_bytes=f.gpu_overhead_bytes + P.TRIAL_BACKOFFS[0]), settings)
@@ -318,7 +327,7 @@ def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_th
     assert "128 MiB more GPU memory held back, and that placement ran" in stepped.notes[-1]
 
     runs.clear()
-    monkeypatch.setattr(C, "run_overhead", lambda *a, **kw: runs.append(a) and None)   # nothing runs
+    monkeypatch.setattr(P, "run_overhead", lambda *a, **kw: runs.append(a) and None)   # nothing runs
     given_up = P.tune_by_trial(first, inv, device, f, settings, engine, q4_model, None)
     assert len(runs) == 2 and "no placement with more GPU memory held back (up to 512 MiB) ran" in given_up.notes[-1]
     assert given_up.memory["gpu"].weights <= stepped.memory["gpu"].weights
@@ -327,8 +336,8 @@ def test_a_placement_whose_trial_fails_backs_off_in_steps_and_keeps_the_first_th
 @pytest.fixture(scope="module")
 def mixed_model(tmp_path_factory) -> Path:
     """A compressed plan's kind of model, built with llama-quantize: experts' gate/up in Q2_K, the rest Q8_0."""
-    from ccmoe_runtime.build import quantize
-    from ccmoe_runtime.engine import find_engine
+    from ccmoe_runtime.engine.build import find_engine
+    from ccmoe_runtime.engine.tools import quantize
 
     folder = tmp_path_factory.mktemp("mixed")
     spec = SynthSpec(arch="qwen3moe", n_embd=512, n_layer=6, n_head=8, n_head_kv=2, head_dim=64, n_expert=16,
@@ -379,8 +388,8 @@ def test_llama_cpp_cpu_buffers_are_chosen_only_when_calibration_predicts_faster_
     """--no-host (host-memory experts in llama.cpp's repacking CPU buffers) is a calibrated lever: taken when the
     measured repacked efficiency buys at least 5% decode, not for less, never without a measurement unless asked,
     and spelled as each tool wants it (llama-bench `--no-host 1`, llama-server `--no-host`), which both accept."""
-    from ccmoe_runtime.bench import llama_bench
-    from ccmoe_runtime.engine import find_engine
+    from ccmoe_runtime.engine.build import find_engine
+    from ccmoe_runtime.engine.tools import llama_bench
 
     inv = read_gguf(q4_model)
     device = _gpu_profile(tmp_path, 0.18, "small")
@@ -407,4 +416,4 @@ def test_llama_cpp_cpu_buffers_are_chosen_only_when_calibration_predicts_faster_
     assert not whole.has_host_weights and not whole.cpu_repack                      # nothing in host memory
     engine = find_engine("cpu")
     assert llama_bench(engine, q4_model, fast.bench_args() + ["-t", "1"], n_prompt=32, n_gen=4)["ok"]
-    assert P.fit_print(engine, q4_model, ["-c", "256", *fast.server_args()]) is not None
+    assert T.fit_print(engine, q4_model, ["-c", "256", *fast.server_args()]) is not None

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ccmoe_runtime import plan as P
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.sensitivity import measure_sensitivity
-from ccmoe_runtime.stats import profile_model
+import ccmoe_runtime.compress.plan as P
+from ccmoe_runtime.compress.sensitivity import measure_sensitivity
+from ccmoe_runtime.compress.stats import measure_expert_stats
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.model.inventory import read_gguf
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def measured(engine, bundled_model, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
     calib = out / "calib.txt"
     calib.write_text(corpus.train.read_text()[:40_000])
-    prof = profile_model(engine, bundled_model, calib, out, ctx=256, chunks=8, threads=2)
+    prof = measure_expert_stats(engine, bundled_model, calib, out, ctx=256, chunks=8, threads=2)
     return Path(prof["imatrix"]), measure_sensitivity(engine, bundled_model, Path(prof["imatrix"]), prof, rows_per_expert=8)
 
 
@@ -39,9 +39,9 @@ def test_plans_fit_and_more_bytes_buy_less_error(bundled_model, measured):
     errors = []
     for gb in (0.004, 0.006, 0.009):
         plan = P.make_plan(inv, sens, _budget(int(gb * 1e9)))
-        assert plan["total_bytes"] <= gb * 1e9
-        assert set(plan["tensors"]) == set(sens["tensors"])
-        errors.append(plan["total_error"])
+        assert plan.total_bytes <= gb * 1e9
+        assert set(plan.tensors) == set(sens["tensors"])
+        errors.append(plan.total_error)
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -61,6 +61,6 @@ def test_llama_quantize_applies_the_plan(engine, bundled_model, measured, tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     built = {t.name: t for t in read_gguf(out).tensors}
-    for name, t in plan["tensors"].items():
-        assert built[name].ggml_type == t["type"], name
-    assert sum(t.n_bytes for t in built.values()) == pytest.approx(plan["total_bytes"], rel=0.01)
+    for name, t in plan.tensors.items():
+        assert built[name].ggml_type == t.type, name
+    assert sum(t.n_bytes for t in built.values()) == pytest.approx(plan.total_bytes, rel=0.01)

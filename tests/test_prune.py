@@ -8,16 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ccmoe_runtime import prune as prune_mod
-from ccmoe_runtime.build import quantize
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.inventory import read_gguf
-from ccmoe_runtime.prune import choose_experts, importance, prune_model, resolve_keep, write_pruned_gguf
-from ccmoe_runtime.router import load_router_stats, router_stats, save_router_stats
-from ccmoe_runtime.stats import expert_counts, run_imatrix
-from ccmoe_runtime.synth import SynthSpec, write_random_gguf
 from conftest import run_cli
+
+import ccmoe_runtime.core.files as files_mod
+import ccmoe_runtime.prune.prune as prune_mod
+from ccmoe_runtime.compress.router import (
+    load_router_stats,
+    router_stats,
+    save_router_stats,
+)
+from ccmoe_runtime.compress.stats import expert_counts
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.engine.tools import quantize, run_imatrix
+from ccmoe_runtime.model.inventory import read_gguf
+from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
+from ccmoe_runtime.prune.prune import (
+    choose_experts,
+    importance,
+    prune_model,
+    resolve_keep,
+    write_pruned_gguf,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +147,7 @@ def test_importance_normalises_by_the_layer_maximum():
 def test_prune_qwen3moe_slices_experts_and_router_rows(engine, bindings, qwen3moe_model, qwen_stats, tmp_path):
     out = tmp_path / "q6.gguf"
     r = prune_model(engine, qwen3moe_model, out, keep=6, stats=qwen_stats)
-    _check_sliced(qwen3moe_model, out, r["kept"])
+    _check_sliced(qwen3moe_model, out, r.kept)
     meta = read_gguf(out).metadata
     assert meta["qwen3moe.expert_count"] == 6 and meta["qwen3moe.expert_used_count"] == 2   # round(2 x 6 / 8)
     assert meta["ccmoe.original_expert_count"] == 8 and meta["ccmoe.original_expert_used_count"] == 2
@@ -145,20 +156,20 @@ def test_prune_qwen3moe_slices_experts_and_router_rows(engine, bindings, qwen3mo
     changed = {"qwen3moe.expert_count", "qwen3moe.expert_used_count"}
     assert {k: v for k, v in before.items() if k not in changed} == {k: v for k, v in after.items()
                                                                      if k in before and k not in changed}
-    assert r["bytes_after"] < r["bytes_before"] and all(0 < s < 1 for s in r["kept_share"].values())
+    assert r.bytes_after < r.bytes_before and all(0 < s < 1 for s in r.kept_share.values())
     _runs(bindings, out)
 
 
 def test_prune_deepseek2_keeps_shared_and_dense_and_adjusts_k(engine, bindings, deepseek2_model, calib, tmp_path):
     out = tmp_path / "d8.gguf"
     r = prune_model(engine, deepseek2_model, out, keep_ratio=0.5, calib=calib, ctx=128, chunks=4, threads=2)
-    assert sorted(r["kept"]) == ["1", "2", "3"]                  # layer 0 is dense
-    _check_sliced(deepseek2_model, out, r["kept"])               # exp_probs_b, router, experts sliced; shexp intact
+    assert sorted(r.kept) == ["1", "2", "3"]                  # layer 0 is dense
+    _check_sliced(deepseek2_model, out, r.kept)               # exp_probs_b, router, experts sliced; shexp intact
     t = _tensors(out)
     assert list(t["blk.1.exp_probs_b.bias"].shape) == [8] and list(t["blk.1.ffn_gate_inp.weight"].shape) == [256, 8]
     meta = read_gguf(out).metadata
     assert meta["deepseek2.expert_count"] == 8 and meta["deepseek2.expert_used_count"] == 2   # round(4 x 8 / 16)
-    assert Path(r["stats"]).is_file() and load_router_stats(Path(r["stats"]))["ctx"] == 128
+    assert Path(r.stats).is_file() and load_router_stats(Path(r.stats))["ctx"] == 128
     _runs(bindings, out)
 
 
@@ -171,14 +182,14 @@ def test_prune_deepseek2_expert_groups_stay_valid(engine, bindings, deepseek2_mo
     _runs(bindings, grouped)
     stats = router_stats(engine, grouped, calib, ctx=128, chunks=4, threads=2)
     r = prune_model(engine, grouped, tmp_path / "g8.gguf", keep=8, stats=stats)
-    assert r["counts"]["balanced_groups"] and all(sum(1 for e in ids if e // 4 == g) == 2
-                                                  for ids in r["kept"].values() for g in range(4))
+    assert r.counts.balanced_groups and all(sum(1 for e in ids if e // 4 == g) == 2
+                                                  for ids in r.kept.values() for g in range(4))
     assert read_gguf(tmp_path / "g8.gguf").metadata["deepseek2.expert_group_count"] == 4
     _runs(bindings, tmp_path / "g8.gguf")
     r = prune_model(engine, grouped, tmp_path / "g6.gguf", keep=6, stats=stats)
     meta = read_gguf(tmp_path / "g6.gguf").metadata
     assert meta["deepseek2.expert_group_count"] == 1 and meta["deepseek2.expert_group_used_count"] == 1
-    assert "group-limited routing turned off" in r["counts"]["notes"][0]
+    assert "group-limited routing turned off" in r.counts.notes[0]
     _runs(bindings, tmp_path / "g6.gguf")
 
 
@@ -186,15 +197,15 @@ def test_quantized_experts_are_byte_sliced_and_pruning_twice_keeps_the_original_
         engine, bindings, qwen3moe_model, qwen_stats, tmp_path):
     q = quantize(engine, qwen3moe_model, tmp_path / "q4.gguf", "Q4_K_M", [], threads=2)
     r1 = prune_model(engine, q, tmp_path / "q4-6.gguf", keep=6, stats=qwen_stats)
-    _check_sliced(q, tmp_path / "q4-6.gguf", r1["kept"])
+    _check_sliced(q, tmp_path / "q4-6.gguf", r1.kept)
     assert _tensors(tmp_path / "q4-6.gguf")["blk.0.ffn_up_exps.weight"].tensor_type.name == "Q4_K"
     stats6 = router_stats(engine, tmp_path / "q4-6.gguf", qwen_stats["calibration"], ctx=128, chunks=4, threads=2)
     r2 = prune_model(engine, tmp_path / "q4-6.gguf", tmp_path / "q4-4.gguf", keep=4, method="frequency", stats=stats6)
     meta = read_gguf(tmp_path / "q4-4.gguf").metadata
     assert meta["ccmoe.original_expert_count"] == 8 and meta["qwen3moe.expert_used_count"] == 1   # round(2 x 4 / 8)
-    assert r2["alpha"] == 1.0
+    assert r2.alpha == 1.0
     pruned = json.loads(meta["ccmoe.pruned_experts"])          # ids of the unpruned model, composed over both runs
-    assert all(pruned[layer] == [r1["kept"][layer][i] for i in r2["kept"][layer]] for layer in pruned)
+    assert all(pruned[layer] == [r1.kept[layer][i] for i in r2.kept[layer]] for layer in pruned)
     _runs(bindings, tmp_path / "q4-4.gguf")
 
 
@@ -203,7 +214,7 @@ def test_split_input_becomes_one_pruned_file(bindings, tmp_path):
     first = write_random_gguf(spec, tmp_path / "split.gguf", split_max_tensors=12)
     assert "-00001-of-" in first.name
     r = prune_model(None, first, tmp_path / "one.gguf", keep=5, method="random", seed=1)
-    assert r["alpha"] is None and r["kept_share"] == {"0": None, "1": None}
+    assert r.alpha is None and r.kept_share == {"0": None, "1": None}
     meta = read_gguf(tmp_path / "one.gguf").metadata
     assert not any(k.startswith("split.") for k in meta) and meta["qwen3moe.expert_count"] == 5
     assert len(read_gguf(tmp_path / "one.gguf").tensors) == len(read_gguf(first).tensors)
@@ -248,11 +259,11 @@ def test_no_file_is_left_when_writing_fails(engine, qwen3moe_model, qwen_stats, 
         raise OSError("disk went away")
 
     monkeypatch.setattr(prune_mod, "_sliced_data", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(CcmoeError, match="disk went away"):     # one line, not a traceback
         prune_model(engine, qwen3moe_model, tmp_path / "p.gguf", keep=4, stats=qwen_stats)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(prune_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(files_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(CcmoeError, match="free") as e:
         prune_model(engine, qwen3moe_model, tmp_path / "p.gguf", keep=4, stats=qwen_stats)
     assert e.value.exit_code == 4 and list(tmp_path.iterdir()) == []

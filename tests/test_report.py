@@ -8,10 +8,9 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from ccmoe_runtime.build import quantize
-
 from conftest import run_cli
+
+from ccmoe_runtime.engine.tools import quantize
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

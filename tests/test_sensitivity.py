@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccmoe_runtime import sensitivity as S
-from ccmoe_runtime.stats import profile_model
+import ccmoe_runtime.compress.sensitivity as S
+from ccmoe_runtime.compress.stats import measure_expert_stats
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def profiled(engine, bundled_model, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     calib = out / "calib.txt"
     calib.write_text(corpus.train.read_text()[:40_000])
-    return profile_model(engine, bundled_model, calib, out, ctx=256, chunks=8, threads=2)
+    return measure_expert_stats(engine, bundled_model, calib, out, ctx=256, chunks=8, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def measured(engine, bundled_model, profiled, tmp_path_factory):
 
 
 def test_every_weight_is_measured_and_norms_and_router_are_not(measured, bundled_model):
-    from ccmoe_runtime.inventory import read_gguf
+    from ccmoe_runtime.model.inventory import read_gguf
 
     names = set(measured["tensors"])
     for t in read_gguf(bundled_model).tensors:
@@ -90,7 +90,7 @@ def test_shipped_gaussian_error_table_is_what_ggml_measures(engine, measured):
     # the weight-less planner's error model (sensitivity.GAUSSIAN_TABLE) must be ggml's own figures
     import json
 
-    from ccmoe_runtime.ggml import Ggml
+    from ccmoe_runtime.engine.ggml import Ggml
 
     shipped = json.loads(S.GAUSSIAN_TABLE.read_text())
     assert shipped["commit"] == engine.commit

@@ -14,10 +14,16 @@ import urllib.request
 
 import psutil
 import pytest
-
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.serve import LlamaServer, ServerConfig, complete, free_port, streamed_chat
 from conftest import run_cli
+
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.engine.server import (
+    LlamaServer,
+    ServerConfig,
+    complete,
+    free_port,
+    streamed_chat,
+)
 
 
 def _wait_gone(pid: int, seconds: float = 15) -> bool:

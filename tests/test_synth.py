@@ -6,12 +6,12 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from ccmoe_runtime.stats import expert_counts, run_imatrix, usage_entropy
-from ccmoe_runtime.synth import SynthSpec, write_random_gguf
-from ccmoe_runtime.errors import CcmoeError
-from ccmoe_runtime.evaluate import run_perplexity
 from conftest import ROOT, run_cli
+
+from ccmoe_runtime.compress.stats import expert_counts, usage_entropy
+from ccmoe_runtime.core.errors import CcmoeError
+from ccmoe_runtime.engine.tools import run_imatrix, run_perplexity
+from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_quantized_generation_loads_and_runs_in_llama_cpp(engine, tmp_path, qtyp
     loads and decodes them (what the 32 GB GPU benchmark model relies on)."""
     import json
 
-    from ccmoe_runtime.inventory import read_gguf
-    from ccmoe_runtime.synth import main as synth_main
+    from ccmoe_runtime.model.inventory import read_gguf
+    from ccmoe_runtime.model.synth import main as synth_main
 
     spec = SynthSpec(arch="qwen3moe", n_layer=3, n_expert=8, n_expert_used=2, skew=1.0, seed=4)
     a = write_random_gguf(spec, tmp_path / "a.gguf", qtype=qtype)
@@ -103,8 +103,8 @@ def test_mixed_types_follow_the_rules_and_run_in_llama_cpp(engine, tmp_path):
     gives a finite perplexity."""
     import json
 
-    from ccmoe_runtime.inventory import read_gguf
-    from ccmoe_runtime.synth import block_shape, read_tensor_types
+    from ccmoe_runtime.model.inventory import read_gguf
+    from ccmoe_runtime.model.synth import block_shape, read_tensor_types
 
     rules_file = tmp_path / "types.txt"
     rules_file.write_text("# a Q4_K_M-like mix with IQ experts in the middle\n"
@@ -153,9 +153,9 @@ def test_llama_cpp_mix_read_off_a_narrow_model_is_what_llama_quantize_gives_the_
     and `ccmoe-run generate model --tensor-types` writes them too."""
     import importlib.util
 
-    from ccmoe_runtime.build import quantize
-    from ccmoe_runtime.inventory import read_gguf
-    from ccmoe_runtime.synth import read_tensor_types
+    from ccmoe_runtime.engine.tools import quantize
+    from ccmoe_runtime.model.inventory import read_gguf
+    from ccmoe_runtime.model.synth import read_tensor_types
 
     loaded = importlib.util.spec_from_file_location("llama_mix", ROOT / "benchmarks" / "llama_mix.py")
     mix = importlib.util.module_from_spec(loaded)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ccmoe_runtime.corpus import Corpus
-from ccmoe_runtime.evaluate import run_perplexity
-from ccmoe_runtime.inventory import read_gguf, summarize
-from ccmoe_runtime.serve import LlamaServer, ServerConfig, complete
-from ccmoe_runtime.tokenizer import byte_vocab, train_bpe
+from ccmoe_runtime.engine.server import LlamaServer, ServerConfig, complete
+from ccmoe_runtime.engine.tools import run_perplexity
+from ccmoe_runtime.model.inventory import read_gguf, summarize
+from ccmoe_runtime.model.tokenizer import byte_vocab, train_bpe
+from ccmoe_runtime.testmodels.corpus import Corpus
 
 torch = pytest.importorskip("torch", reason="the training checks need the `train` extra (scripts/setup.sh --train)")
 
-from ccmoe_runtime.train import TrainConfig, build_model, export_gguf, train_bundled  # noqa: E402
+from ccmoe_runtime.testmodels.train import (  # noqa: E402
+    TrainConfig,
+    build_model,
+    export_gguf,
+    train_bundled,
+)
 
 
 def test_torch_model_matches_llama_cpp_logits(bindings, tmp_path):

@@ -1,0 +1,66 @@
+"""The results history: one JSON line per bench or eval run, with its time and host, for `report` and baselines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+from ..core.errors import CcmoeError
+from ..core.files import disk_full_error, make_parent, read_text
+
+DEFAULT_HISTORY = Path("ccmoe-results") / "history.jsonl"
+
+
+def host_id() -> dict:
+    """Which machine a record was measured on."""
+    import psutil
+
+    return {"hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cores": psutil.cpu_count(logical=False), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
+
+
+def append_history(path: Path, kind: str, record: dict) -> dict:
+    """Add one record (bench or eval) with its time and host to the history file."""
+    entry = {"kind": kind, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+             "host": host_id(), **record}
+    path = Path(path)
+    make_parent(path)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+    except OSError as e:
+        raise disk_full_error(path, e) from None
+    return entry
+
+
+def read_history(path: Path) -> list[dict]:
+    """Every record of a history file; a line that is not JSON is a clear error naming its number."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for i, line in enumerate(read_text(path, "history").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CcmoeError(f"{path} line {i} is not JSON", "remove or fix that line") from None
+    return records
+
+
+def check_history(path: Path) -> Path:
+    """Before minutes of measuring: the history file can be appended to (or created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CcmoeError(f"history {path} is a folder", "pass a file path to --history")
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not existing.is_dir() and existing != path:
+        raise CcmoeError(f"{existing} is not a folder", "choose another --history path")
+    if not os.access(existing, os.W_OK):
+        raise CcmoeError(f"{existing} is not writable", "choose a writable --history path, or pass --no-history")
+    if path.is_file():
+        read_history(path)       # a damaged history is reported now, not after the run
+    return path

@@ -1,0 +1,84 @@
+"""`bench`, `eval`, `report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..bench.bench import MIN_ROUND_S, bench_model
+from ..bench.evaluate import evaluate
+from ..bench.report import write_report
+from ..core.errors import EXIT_REGRESSION, CcmoeError
+from ..core.files import read_text
+from ..engine.build import find_engine
+from ..testmodels.corpus import ensure_corpus
+from .app import main
+from .output import echo_result, say
+from .params import CONTEXT, COUNT, DEVICE, INPUT_FILE, MODEL, OUTPUT, PERCENT, POSITIVE
+from .placement_cmd import cpu_repack_option, engine_for, load_mode_option
+
+DEFAULT_HISTORY = Path("ccmoe-results/history.jsonl")
+
+
+@main.command()
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
+@click.option("--model", type=MODEL, default="bundled", help="GGUF path or any model spec (default: the bundled model).")
+@click.option("--runs", type=COUNT, default=5, show_default=True, help="Rounds; each runs every contender once.")
+@click.option("--threads", "-t", type=COUNT, default=None)
+@click.option("--history", type=OUTPUT, default=DEFAULT_HISTORY, show_default=True,
+              help="Append the result here (JSON lines); --no-history to skip.")
+@click.option("--no-history", is_flag=True)
+@click.option("--baseline", type=INPUT_FILE, default=None,
+              help="A bench result (bench --json output, or a history file: its last bench line).")
+@click.option("--max-regression", type=PERCENT, default=10.0, show_default=True,
+              help="Percent tokens/s may fall below the baseline before the exit is non-zero (6).")
+@click.option("--min-round-s", type=POSITIVE, default=MIN_ROUND_S, show_default=True,
+              help="Seconds of measured work per contender per round (more repetitions for fast models).")
+@load_mode_option
+@cpu_repack_option
+@click.option("--json", "as_json", is_flag=True)
+def bench(device, model, runs, threads, history, no_history, baseline, max_regression, min_round_s, load_mode,
+          cpu_repack, as_json) -> None:
+    """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
+    result = bench_model(engine_for(device, None), model, device, runs, threads, say(as_json), min_round_s, load_mode,
+                         cpu_repack, None if no_history else history, baseline, max_regression)
+    echo_result(result, as_json)
+    if result.regressions:
+        raise CcmoeError(f"tokens/s regressed against {baseline}: " + "; ".join(result.regressions),
+                         "", EXIT_REGRESSION)
+
+
+@main.command("eval")
+@click.option("--model", type=MODEL, required=True, help="The quantized model (GGUF path or any model spec).")
+@click.option("--reference", type=MODEL, required=True, help="The unquantized model it was made from.")
+@click.option("--text", type=INPUT_FILE, default=None, help="Evaluation text (default: the corpus's held-out part).")
+@click.option("--ctx", type=CONTEXT, default=256, show_default=True, help="Tokens per llama-perplexity chunk.")
+@click.option("--threads", "-t", type=COUNT, default=None)
+@click.option("--history", type=OUTPUT, default=None,
+              help="Append the result to this history file (JSON lines) for `ccmoe-run report`.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(model, reference, text, ctx, threads, history, as_json) -> None:
+    """Perplexity, KL-divergence (mean, p99) and top-token agreement against the reference (llama-perplexity)."""
+    echo_result(evaluate(find_engine(), model, reference, text or ensure_corpus().heldout, ctx, threads, history),
+                as_json)
+
+
+@main.command()
+@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HISTORY,
+              show_default=True, help="History written by `bench` and `eval --history`.")
+@click.option("--placement", type=INPUT_FILE, default=None, help="A placement JSON to draw.")
+@click.option("-o", "--out", type=OUTPUT, default=Path("ccmoe-results/report.html"), show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def report(history, placement, out, force) -> None:
+    """One HTML page with charts: tokens/s over time, size vs quality, placement per layer."""
+    doc = None
+    if placement:
+        try:
+            doc = json.loads(read_text(placement, "placement"))
+        except json.JSONDecodeError as e:
+            raise CcmoeError(f"cannot read placement {placement} ({e})", "pass a placement JSON from ccmoe-run") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict):
+            raise CcmoeError(f"{placement} has no per-tensor placement", "pass a placement JSON from ccmoe-run")
+    click.echo(f"wrote {write_report(history, out, doc, force)}")

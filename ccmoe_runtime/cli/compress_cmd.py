@@ -1,0 +1,141 @@
+"""`measure`, `plan`, `build`, `compress`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..compress.measure import load_measurements, measure_model
+from ..compress.pipeline import (
+    check_plan_files,
+    compress_model,
+    load_plan,
+    plan_model,
+    save_plan,
+)
+from ..compress.plan import summary_lines
+from ..compress.quantize import build
+from ..engine.build import find_engine
+from ..testmodels.corpus import calibration_text
+from .app import main
+from .output import echo_json, echo_result, progress_bar
+from .params import (
+    CONTEXT,
+    COUNT,
+    DEVICE,
+    FOLDER,
+    INPUT_FILE,
+    INVENTORY,
+    MODEL,
+    OUTPUT,
+    POSITIVE,
+)
+
+_calib_option = click.option("--calib", type=INPUT_FILE, default=None,
+                             help="Calibration text (default: the project's English corpus).")
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@_calib_option
+@click.option("-o", "--out", type=FOLDER, default=Path("ccmoe-measurements"), show_default=True,
+              help="Folder for the imatrix, expert statistics, sensitivity and impact artifacts.")
+@click.option("--ctx", type=CONTEXT, default=512, show_default=True, help="Tokens per llama-imatrix chunk.")
+@click.option("--chunks", type=COUNT, default=64, show_default=True, help="Chunks of calibration text to use.")
+@click.option("--impact/--no-impact", default=None,
+              help="Measure each tensor's output impact with probe builds (default: for models up to 4 GB).")
+@click.option("--threads", "-t", type=COUNT, default=None, help="Threads for the llama.cpp tools.")
+@click.option("--force", is_flag=True, help="Overwrite earlier results in the folder.")
+@click.option("--json", "as_json", is_flag=True)
+def measure(model, calib, out, ctx, chunks, impact, threads, force, as_json) -> None:
+    """Measure expert activation frequency, the imatrix, per-tensor error per type and output impact."""
+    with progress_bar("impact probes") as bar:
+        result = measure_model(find_engine(), model, calibration_text(calib), out, ctx=ctx, chunks=chunks,
+                               impact=impact, force=force, threads=threads, progress=bar)
+    echo_result(result, as_json)
+
+
+main.add_command(click.Command("profile", params=measure.params, callback=measure.callback, hidden=True,
+                               help="Old name of `measure`."))
+
+
+def _plan_options(f):
+    """Options shared by `plan` and `compress`."""
+    for opt in reversed([
+        click.option("--device", type=DEVICE, required=True, help="Device profile name, a .toml path, or auto."),
+        click.option("--budget-gb", type=POSITIVE, default=None, help="Bytes for the weights (default: from the device)."),
+        click.option("--ctx", type=CONTEXT, default=8192, show_default=True, help="Context per slot the KV cache is sized for."),
+        click.option("--parallel", type=COUNT, default=1, show_default=True, help="Concurrent request slots."),
+        click.option("--experts-used", type=COUNT, default=None,
+                     help="Experts per token (default: scaled by kept/original experts for pruned models)."),
+        click.option("--original-experts", type=COUNT, default=None,
+                     help="Expert count before pruning, when the GGUF does not record it."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("model", type=INVENTORY)
+@_plan_options
+@click.option("--measurements", "--profile", "measured_dir", type=FOLDER, default=None,
+              help="Folder written by `ccmoe-run measure` (default: prior error model, no weights needed).")
+@click.option("-o", "--out", type=OUTPUT, default=Path("ccmoe-plan.json"), show_default=True)
+@click.option("--png/--no-png", default=True, show_default=True, help="Also draw the plan as a PNG.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan's totals as JSON.")
+def plan(model, device, budget_gb, ctx, parallel, experts_used, original_experts, measured_dir, out, png, force,
+         as_json) -> None:
+    """Choose a GGUF type for every tensor that fits the device and loses least."""
+    check_plan_files(out, force, png)
+    measured = load_measurements(measured_dir, Path(model.source)) if measured_dir else None
+    result = plan_model(find_engine(), model, device, ctx, parallel, budget_gb, measured, experts_used,
+                        original_experts)
+    files = save_plan(result, out, force=force, picture=png)
+    if as_json:
+        echo_json({k: v for k, v in result.to_dict().items() if k != "tensors"}
+                  | {"files": {k: str(p) for k, p in files.items()}})
+    else:
+        click.echo("\n".join(summary_lines(result)))
+        click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+@main.command("build")
+@click.argument("model", type=MODEL)
+@click.option("--plan", "plan_path", type=INPUT_FILE, required=True, help="A plan from `ccmoe-run plan`.")
+@click.option("-o", "--out", type=OUTPUT, required=True, help="The GGUF to write.")
+@click.option("--imatrix", type=INPUT_FILE, default=None, help="Default: the plan's measured imatrix.")
+@click.option("--threads", "-t", type=COUNT, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True)
+def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
+    """Quantize MODEL by a plan with llama-quantize, atomically, and verify the result."""
+    p = load_plan(plan_path)
+    with progress_bar("quantizing") as bar:
+        result = build(find_engine(), model, p, out, imatrix or (Path(p.imatrix) if p.imatrix else None), force,
+                       threads, bar)
+    echo_result(result, as_json)
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@_plan_options
+@click.option("-o", "--out", type=OUTPUT, required=True, help="The GGUF to write.")
+@_calib_option
+@click.option("--impact/--no-impact", default=None, help="Measure output impact (default: models up to 4 GB).")
+@click.option("--threads", "-t", type=COUNT, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUT and earlier measurements.")
+@click.option("--json", "as_json", is_flag=True)
+def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, calib, impact, threads,
+             force, as_json) -> None:
+    """measure -> plan -> build in one go; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
+    with progress_bar("impact probes") as measuring, progress_bar("quantizing") as quantizing:
+        result = compress_model(find_engine(), model, device, out, calibration_text(calib), ctx, parallel, budget_gb,
+                                experts_used, original_experts, impact, threads, force, measuring, quantizing)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    click.echo("\n".join(summary_lines(result.plan)))
+    click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    click.echo("\n".join(result.build.summary_lines()))

@@ -1,0 +1,111 @@
+"""Measurements of one model (`ccmoe-run measure`), kept in a folder for `plan --measurements` and `compress`.
+
+measure -> <stem>.imatrix.gguf, <stem>.expert-stats.json, <stem>.sensitivity.json, <stem>.impact.json,
+           <stem>.router-stats.json (mean routing score per expert; models up to 4 GB, which load in memory)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.artifacts import load_artifact
+from ..core.errors import CcmoeError
+from ..engine.build import Engine
+from ..model.experts import load_expert_stats
+from .impact import IMPACT_VERSION, measure_impact, save_impact
+from .router import cached_router_stats, router_stats_path
+from .sensitivity import SENSITIVITY_VERSION, measure_sensitivity, save_sensitivity
+from .stats import measure_expert_stats
+
+IMPACT_MAX_BYTES = 4 * 10**9    # impact probes rebuild the model once per tensor group: small models only
+IMPACT_CHUNKS = 64              # calibration chunks (of 256 tokens) each probe is scored on
+
+
+@dataclass
+class Measurements:
+    """What was measured of one model: the imatrix, expert usage, per-type errors and output impact."""
+
+    model: str
+    folder: str
+    imatrix: Path | None
+    expert_stats: dict | None
+    sensitivity: dict
+    impact: dict | None
+    router_stats: Path | None = None
+
+    def to_dict(self) -> dict:
+        paths = measurement_paths(Path(self.folder), Path(self.model))
+        stats = {k: v for k, v in (self.expert_stats or {}).items() if k not in ("schema", "version")}
+        return {**stats, "model": self.model, "folder": self.folder,
+                "imatrix": str(self.imatrix) if self.imatrix else None,
+                "stats": str(paths["expert-stats"]) if self.expert_stats else None,
+                "sensitivity": str(paths["sensitivity"]), "impact": str(paths["impact"]) if self.impact else None,
+                "router_stats": str(self.router_stats) if self.router_stats else None}
+
+    def summary_lines(self) -> list[str]:
+        d = self.to_dict()
+        lines = [f"imatrix {d['imatrix']}", f"expert statistics {d['stats']}", f"sensitivity {d['sensitivity']}",
+                 f"impact {d['impact']}" if d["impact"] else "impact not measured (--impact to measure it)"]
+        if self.expert_stats:
+            n = self.expert_stats["n_expert"]
+            lines.append(f"layer  entropy (max {np.log2(n):.2f} bits)  most used experts (share of tokens)")
+            for layer, s in self.expert_stats["layers"].items():
+                top = np.argsort(s["frequency"])[::-1][:4]
+                lines.append(f"  {layer:<5} {s['entropy_bits']:>6.2f}   "
+                             + "  ".join(f"{e}:{s['frequency'][e]:.2f}" for e in top))
+        return lines
+
+
+def measurement_paths(folder: Path, model: Path) -> dict[str, Path]:
+    stem = Path(model).name.removesuffix(".gguf")
+    return {k: Path(folder) / f"{stem}.{k}.{ext}" for k, ext in
+            (("imatrix", "gguf"), ("expert-stats", "json"), ("sensitivity", "json"), ("impact", "json"))}
+
+
+def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int = 512, chunks: int | None = 64,
+                  impact: bool | None = None, force: bool = False, threads: int | None = None,
+                  progress=None) -> Measurements:
+    """imatrix and expert statistics (llama-imatrix), per-type errors (ggml), and output impact (probe builds)."""
+    paths = measurement_paths(folder, model)
+    if not force:
+        for p in (paths["sensitivity"], paths["impact"]):
+            if p.exists():
+                raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
+    stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force)
+    small = Path(model).stat().st_size <= IMPACT_MAX_BYTES       # loads in memory; probe builds are affordable
+    router = None
+    if small:        # mean routing score per expert (bindings' cb_eval)
+        router = router_stats_path(folder, model)
+        cached_router_stats(engine, model, calib, router, ctx=min(ctx, 256), chunks=chunks, threads=threads)
+    sens = measure_sensitivity(engine, model, paths["imatrix"], stats)
+    save_sensitivity(sens, paths["sensitivity"])
+    found = None
+    if impact if impact is not None else small:
+        work = folder / ".impact-work"
+        try:
+            found = measure_impact(engine, model, sens, calib, work, imatrix=paths["imatrix"], chunks=IMPACT_CHUNKS,
+                                   threads=threads, progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        save_impact(found, paths["impact"])
+    else:
+        paths["impact"].unlink(missing_ok=True)
+    return Measurements(str(model), str(folder), paths["imatrix"], stats, sens, found, router)
+
+
+def load_measurements(folder: Path, model: Path) -> Measurements:
+    """The artifacts `measure_model` wrote for `model`, checked to be there."""
+    paths = measurement_paths(folder, model)
+    if not paths["sensitivity"].is_file():
+        raise CcmoeError(f"{folder} holds no measurements of {Path(model).name} ({paths['sensitivity'].name} is "
+                         "missing)", f"run `ccmoe-run measure {model} -o {folder}` first, or plan without --measurements")
+    impact = load_artifact(paths["impact"], "impact", IMPACT_VERSION) if paths["impact"].is_file() else None
+    stats = load_expert_stats(paths["expert-stats"]) if paths["expert-stats"].is_file() else None
+    router = router_stats_path(folder, model)
+    return Measurements(str(model), str(folder), paths["imatrix"] if paths["imatrix"].is_file() else None, stats,
+                        load_artifact(paths["sensitivity"], "sensitivity", SENSITIVITY_VERSION), impact,
+                        router if router.is_file() else None)

@@ -1,0 +1,113 @@
+"""The compression pipeline: a plan for a device (from measurements or the weight-less prior), its files, and
+`compress` = measure -> plan -> build in one call.
+
+plan  -> PLAN.json (versioned), PLAN.types.txt (llama-quantize --tensor-type-file), PLAN.png
+build -> OUT.gguf (+ OUT.gguf.build.json)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.artifacts import artifact_bytes, load_artifact
+from ..core.files import check_writable, write_atomic
+from ..devices.profiles import DeviceProfile
+from ..engine.build import Engine
+from ..model.inventory import ModelInventory, read_gguf, require_moe, summarize
+from .measure import Measurements, load_measurements, measure_model, measurement_paths
+from .plan import (
+    PLAN_KIND,
+    PLAN_VERSION,
+    Plan,
+    adjusted_experts_used,
+    device_budget,
+    make_plan,
+    tensor_type_lines,
+)
+from .plot import plan_png
+from .quantize import BuildResult, build
+from .sensitivity import prior_sensitivity
+
+
+def plan_model(engine: Engine, inv: ModelInventory, device: DeviceProfile, ctx: int, parallel: int,
+               budget_gb: float | None = None, measured: Measurements | None = None, experts_used: int | None = None,
+               original_experts: int | None = None) -> Plan:
+    """A plan from measured sensitivity and impact when measured, else from the weight-less prior model."""
+    require_moe(summarize(inv), inv.source)
+    sens = measured.sensitivity if measured else prior_sensitivity(engine, inv)
+    excluded = tuple(t.lower() for t in device.unsupported_types + device.slow_types)
+    budget = device_budget(inv, device, ctx, parallel, budget_gb)
+    plan = make_plan(inv, sens, budget, excluded, measured.impact if measured else None,
+                     adjusted_experts_used(inv, experts_used, original_experts))
+    plan.ctx, plan.parallel, plan.engine = ctx, parallel, engine.commit
+    plan.imatrix = str(measured.imatrix) if measured and measured.imatrix else None
+    plan.sensitivity_source = "measured" if measured else sens.get("prior")
+    return plan
+
+
+def plan_files(path: Path) -> dict[str, Path]:
+    path = Path(path)
+    stem = path.name.removesuffix(".json")
+    return {"plan": path, "types": path.with_name(f"{stem}.types.txt"), "png": path.with_name(f"{stem}.png")}
+
+
+def check_plan_files(path: Path, force: bool, picture: bool = True) -> None:
+    """Before planning: every file the plan writes can be written."""
+    for kind, p in plan_files(path).items():
+        if kind != "png" or picture:
+            check_writable(p, force, what="plan")
+
+
+def save_plan(plan: Plan, path: Path, force: bool = False, picture: bool = True) -> dict[str, Path]:
+    """The plan JSON, its llama-quantize tensor-type file and (optionally) its PNG picture."""
+    files = plan_files(path)
+    check_plan_files(path, force, picture)
+    write_atomic(files["plan"], artifact_bytes(PLAN_KIND, PLAN_VERSION, plan), force=force)
+    write_atomic(files["types"], ("\n".join(tensor_type_lines(plan)) + "\n").encode(), force=True)
+    if picture:
+        plan_png(plan, files["png"])
+    else:
+        files.pop("png")
+    return files
+
+
+def load_plan(path: Path) -> Plan:
+    return Plan.from_dict(load_artifact(path, PLAN_KIND, PLAN_VERSION))
+
+
+@dataclass
+class CompressResult:
+    """What `compress` left: the measurements' folder, the plan and its files, and the build."""
+
+    work: str
+    plan: Plan
+    files: dict[str, Path]
+    build: BuildResult
+
+    def to_dict(self) -> dict:
+        return {"work": self.work, "plan": {k: v for k, v in self.plan.to_dict().items() if k != "tensors"},
+                "files": {k: str(p) for k, p in self.files.items()}, "build": self.build.to_dict()}
+
+
+def work_folder(out: Path) -> Path:
+    """Where compress keeps its measurements and plan: OUT.ccmoe/ beside OUT.gguf."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".gguf") + ".ccmoe")
+
+
+def compress_model(engine: Engine, model: Path, device: DeviceProfile, out: Path, calib: Path, ctx: int = 8192,
+                   parallel: int = 1, budget_gb: float | None = None, experts_used: int | None = None,
+                   original_experts: int | None = None, impact: bool | None = None, threads: int | None = None,
+                   force: bool = False, measure_progress=None, build_progress=None) -> CompressResult:
+    """measure (unless already measured) -> plan -> build; the artifacts stay in OUT.ccmoe/."""
+    check_writable(out, force, what="compressed model")
+    work = work_folder(out)
+    if not measurement_paths(work, model)["sensitivity"].is_file() or force:
+        measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=measure_progress)
+    plan = plan_model(engine, read_gguf(model), device, ctx, parallel, budget_gb, load_measurements(work, model),
+                      experts_used, original_experts)
+    files = save_plan(plan, work / "plan.json", force=True)
+    built = build(engine, model, plan, out, Path(plan.imatrix) if plan.imatrix else None, force, threads,
+                  build_progress)
+    return CompressResult(str(work), plan, files, built)

@@ -1,0 +1,159 @@
+"""`--device auto`: read this host (psutil, nvidia-smi, amdgpu sysfs, macOS sysctl) and describe it as a profile."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.units import GB, GIB
+from .profiles import DeviceProfile, MemoryPool
+
+
+@dataclass
+class HostFacts:
+    """Raw readings taken on a host; `detect_host` turns them into a profile."""
+
+    system: str
+    machine: str
+    cpu_name: str
+    physical_cores: int
+    ram_bytes: int
+    nvidia_gpus: list[dict] = field(default_factory=list)     # name, memory_total_mib, memory_free_mib
+    amd_gpus: list[dict] = field(default_factory=list)        # card, device_id, vram_bytes, gtt_bytes
+    apple_chip: str | None = None
+
+
+def read_amd_sysfs(root: Path = Path("/sys/class/drm")) -> list[dict]:
+    """AMD GPUs as the amdgpu driver reports them in sysfs (VRAM carve-out and GTT sizes)."""
+    gpus = []
+    for card in sorted(root.glob("card[0-9]*")):
+        dev = card / "device"
+        if not (dev / "mem_info_vram_total").is_file():
+            continue
+        vendor = (dev / "vendor").read_text().strip() if (dev / "vendor").is_file() else ""
+        if vendor and vendor.lower() != "0x1002":
+            continue
+        gpus.append({
+            "card": card.name,
+            "device_id": (dev / "device").read_text().strip() if (dev / "device").is_file() else "",
+            "vram_bytes": int((dev / "mem_info_vram_total").read_text().strip()),
+            "gtt_bytes": int((dev / "mem_info_gtt_total").read_text().strip()) if (dev / "mem_info_gtt_total").is_file() else 0,
+        })
+    return gpus
+
+
+def read_nvidia_smi() -> list[dict]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[1].isdigit():
+            gpus.append({"name": parts[0], "memory_total_mib": int(parts[1]), "memory_free_mib": int(parts[2])})
+    return gpus
+
+
+def _cpu_name() -> str:
+    if platform.system() == "Darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return out.stdout.strip()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_host() -> HostFacts:
+    import psutil
+
+    facts = HostFacts(system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(),
+                      physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+                      ram_bytes=psutil.virtual_memory().total)
+    facts.nvidia_gpus = read_nvidia_smi()
+    if facts.system == "Linux":
+        facts.amd_gpus = read_amd_sysfs()
+    if facts.system == "Darwin":
+        facts.apple_chip = facts.cpu_name
+    return facts
+
+
+# Assumed figures when nothing better is measured (sources: shared device-facts, see devices/data/*.toml).
+ASSUMED_CPU_BANDWIDTH_GBS = 60.0      # dual-channel DDR5, measured ~60-62 GB/s
+ASSUMED_STRIX_BANDWIDTH_GBS = 212.0   # Ryzen AI Max+ 395, rocm_bandwidth_test ~212-215 GB/s
+ASSUMED_PCIE_GBS = 25.0               # PCIe Gen4 x16, real
+
+
+def profile_from_facts(f: HostFacts) -> DeviceProfile:
+    """Build a profile from readings; each assumption is written into `notes`."""
+    ram_gb = f.ram_bytes / GB
+    notes = [f"measured: {f.cpu_name}, {f.physical_cores} physical cores, {ram_gb:.1f} GB RAM (psutil)"]
+    reserve = max(2.0, round(0.06 * ram_gb, 1))
+    notes.append(f"assumed: OS reserve {reserve} GB (6% of RAM, at least 2 GB)")
+    cpu_pool = MemoryPool("system-ram", "cpu", round(ram_gb, 2), 0.92, ASSUMED_CPU_BANDWIDTH_GBS)
+    if f.nvidia_gpus:
+        g = f.nvidia_gpus[0]
+        vram_gb = g["memory_total_mib"] * 1024**2 / GB
+        notes.append(f"measured: {g['name']} {g['memory_total_mib']} MiB total, {g['memory_free_mib']} MiB free (nvidia-smi)")
+        notes.append(f"assumed: CPU bandwidth {ASSUMED_CPU_BANDWIDTH_GBS} GB/s, PCIe {ASSUMED_PCIE_GBS} GB/s, "
+                     "GPU bandwidth 900 GB/s (run `ccmoe-run calibrate` to measure)")
+        gpu = MemoryPool("vram", "gpu", round(vram_gb, 2), 0.94, 900.0)
+        return DeviceProfile("auto", f"this host: {f.cpu_name} + {g['name']}", "cuda", f.physical_cores,
+                             reserve, [gpu, cpu_pool], ASSUMED_PCIE_GBS, notes=notes, source="auto")
+    if f.amd_gpus:
+        g = max(f.amd_gpus, key=lambda x: x["gtt_bytes"] + x["vram_bytes"])
+        visible = (g["vram_bytes"] + g["gtt_bytes"]) / GB
+        notes.append(f"measured: amdgpu {g['card']} ({g['device_id']}) VRAM carve-out {g['vram_bytes'] / GIB:.2f} GiB, "
+                     f"GTT {g['gtt_bytes'] / GIB:.2f} GiB (sysfs)")
+        if g["vram_bytes"] < 0.5 * f.ram_bytes:  # an APU: the GPU maps system memory through GTT
+            notes.append(f"assumed: unified LPDDR5X at {ASSUMED_STRIX_BANDWIDTH_GBS} GB/s (Strix Halo figure)")
+            pool = MemoryPool("unified", "unified", round(ram_gb + g["vram_bytes"] / GB, 2), 0.95,
+                              ASSUMED_STRIX_BANDWIDTH_GBS, gpu_visible_gb=round(visible, 2))
+            return DeviceProfile("auto", f"this host: {f.cpu_name} (APU)", "vulkan", f.physical_cores, reserve,
+                                 [pool], 84.0, slow_types=["bf16", "iq3_m", "mxfp4"], notes=notes, source="auto")
+        gpu = MemoryPool("vram", "gpu", round(g["vram_bytes"] / GB, 2), 0.94, 800.0)
+        notes.append("assumed: discrete AMD GPU at 800 GB/s")
+        return DeviceProfile("auto", f"this host: {f.cpu_name} + AMD GPU", "hip", f.physical_cores, reserve,
+                             [gpu, cpu_pool], ASSUMED_PCIE_GBS, notes=notes, source="auto")
+    if f.apple_chip:
+        notes.append("assumed: Metal working set 75% of RAM, 400 GB/s (M3 Max class); see the apple-* profiles")
+        pool = MemoryPool("unified", "unified", round(ram_gb, 2), 0.95, 400.0, gpu_visible_gb=round(0.75 * ram_gb, 2))
+        return DeviceProfile("auto", f"this host: {f.apple_chip}", "metal", f.physical_cores, max(reserve, 8.0),
+                             [pool], None, slow_types=["iq4_xs", "q3_k"], notes=notes, source="auto")
+    notes.append(f"assumed: CPU memory bandwidth {ASSUMED_CPU_BANDWIDTH_GBS} GB/s; no GPU found")
+    return DeviceProfile("auto", f"this host: {f.cpu_name}, CPU only", "cpu", f.physical_cores, reserve,
+                         [cpu_pool], None, notes=notes, source="auto")
+
+
+def detect_host() -> DeviceProfile:
+    return profile_from_facts(read_host())
+
+
+def environment_threads() -> int:
+    """CPU threads this process may use (its affinity mask), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def host_runs(device: DeviceProfile) -> str | None:
+    """Why this host cannot run `device`'s backend (None when it can): a CUDA profile without an NVIDIA GPU,
+    Metal off macOS, ROCm/Vulkan without an AMD GPU."""
+    needs = {"cuda": ("an NVIDIA GPU (nvidia-smi)", lambda: bool(read_nvidia_smi())),
+             "metal": ("macOS on Apple Silicon", lambda: platform.system() == "Darwin"),
+             "hip": ("an AMD GPU (amdgpu)", lambda: bool(read_amd_sysfs())),
+             "vulkan": ("a Vulkan GPU", lambda: bool(read_amd_sysfs()) or bool(read_nvidia_smi()))}
+    if device.backend not in needs or device.source == "auto":
+        return None
+    what, present = needs[device.backend]
+    return None if present() else f"device {device.name} needs {what}, which this host does not have"

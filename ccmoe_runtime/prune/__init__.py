@@ -1,0 +1,1 @@
+"""Expert pruning by router statistics (importance, frequency or random), with activation adjustment."""
