@@ -136,7 +136,7 @@ def test_quantized_calibration_models_hold_every_weight_in_their_type(engine, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(m.path.name for m in models)   # no Q8_0 sources left
 
 
-# Experts on the CPU of the H100 host, medium models, tokens/s (benchmarks/results/placement-h100-*host-profile.json):
+# Experts on the CPU of the H100 host, medium models, tokens/s (two calibrations on the H100 host, 2026-11):
 # llama.cpp's default mmap vs --load-mode none (its own pinned buffers), 16 threads, two calibrations.
 H100_SPLIT = {("auto", 16): {"medium-q8_0": (300.41, 3266.79), "medium-q4_0": (240.11, 13372.8)},
               ("none", 16): {"medium-q8_0": (279.98, 15566.9), "medium-q4_0": (210.65, 33458.9)}}

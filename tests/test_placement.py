@@ -272,7 +272,7 @@ def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model
     assert big.settings.ubatch == 512                           # nothing in host memory: llama.cpp's default
 
 
-# GPU memory beyond llama.cpp's buffers that a trial run measured on the H100 (benchmarks/results/placement-h100.log)
+# GPU memory beyond llama.cpp's buffers that a trial run measured on the H100 (690-735 MiB, docs/engine.md)
 H100_TRIAL_OVERHEAD = 700 * MIB
 
 

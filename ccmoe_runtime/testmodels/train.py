@@ -28,7 +28,7 @@ ARCH = "qwen3moe"
 
 @dataclass
 class TrainConfig:
-    """Shapes and optimisation settings of the bundled model; the defaults made models/ccmoe-mini-moe."""
+    """Shapes and optimisation settings of the bundled model; the defaults made ccmoe_runtime/testmodels/bundled/ccmoe-mini-moe."""
 
     vocab_size: int = 2048
     n_embd: int = 256
