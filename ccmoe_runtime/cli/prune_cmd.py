@@ -8,11 +8,11 @@ import click
 
 from ..compress.router import load_router_stats
 from ..engine.build import find_engine
-from ..prune.prune import DEFAULT_ALPHA, PRUNE_METHODS, prune_model
+from ..prune.prune import DEFAULT_ALPHA, prune_model
 from ..testmodels.corpus import calibration_text
 from .app import main
 from .output import echo_result
-from .params import CONTEXT, COUNT, INPUT_FILE, MODEL, OUTPUT, RATIO
+from .params import CONTEXT, COUNT, INPUT_FILE, MODEL, OUTPUT
 
 
 @main.command()
