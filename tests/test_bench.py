@@ -28,6 +28,7 @@ def measured(tmp_path_factory):
             "stdout": result.stdout}
 
 
+@pytest.mark.slow
 def test_bench_measures_every_contender_in_alternating_rounds(measured):
     r = measured["result"]
     assert set(r["contenders"]) == {"ccmoe", "llama.cpp default"}
@@ -94,12 +95,14 @@ def test_a_contender_that_fails_in_a_round_reports_its_failure_and_the_others_st
     assert not r["bad"]["ok"] and r["bad"]["error"]
 
 
+@pytest.mark.slow
 def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
     lines = [json.loads(x) for x in measured["history"].read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["kind"] == "bench"
     assert lines[0]["model_hash"] == measured["result"]["model_hash"] and lines[0]["host"]["cores"] >= 1
 
 
+@pytest.mark.slow
 def test_regression_check_fails_against_a_baseline_twice_as_fast(measured, tmp_path):
     fast = json.loads(json.dumps(measured["result"]))
     for c in fast["contenders"].values():

@@ -71,6 +71,7 @@ def test_fit_recovers_the_factors_that_made_the_times(cal_models, device_name):
         assert f.offload_gbs["q4_0"] == pytest.approx(40.0, rel=0.1)
 
 
+@pytest.mark.slow
 def test_wide_layers_cost_what_the_wide_pair_measures_and_not_bandwidth(gpu_cal_models):
     """Times made with a per-layer cost that grows with width: the fit finds both layer costs and the true
     bandwidth; without the wide pair, the wide medium models' extra layer time would be read as slow memory."""
@@ -90,6 +91,7 @@ def test_wide_layers_cost_what_the_wide_pair_measures_and_not_bandwidth(gpu_cal_
     assert narrow_only.layer_s_wide is None and narrow_only.efficiency["gpu:q8_0"] < 0.7
 
 
+@pytest.mark.slow
 def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundled_model, tmp_path):
     out = tmp_path / "host.json"
     result = run_cli("calibrate", "--device", "auto", "--size-mb", "20", "--types", "q8_0,q4_k", "--reps", "1",
@@ -112,6 +114,7 @@ def test_calibrate_command_writes_the_host_profile_that_place_uses(engine, bundl
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_types_that_need_an_imatrix_are_made_with_a_flat_one(engine, tmp_path):
     from ccmoe_runtime.model.synth import write_random_gguf
     from ccmoe_runtime.placement.calibrate import requantized, tiny_spec
@@ -126,6 +129,7 @@ def test_types_that_need_an_imatrix_are_made_with_a_flat_one(engine, tmp_path):
     assert not source.exists() and not (tmp_path / "tiny-q8_0.imatrix.gguf").exists()   # nothing left behind
 
 
+@pytest.mark.slow
 def test_quantized_calibration_models_hold_every_weight_in_their_type(engine, tmp_path):
     models = make_models(tmp_path, 80, ["q2_k", "iq4_xs"], wide=False, engine=engine)
     for m in (m for m in models if m.role.startswith("medium")):
@@ -157,6 +161,7 @@ def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_s
     assert pick_cpu_settings(close) == ("none", 16)           # a much slower decode never wins on prompts
 
 
+@pytest.mark.slow
 def test_the_fit_recovers_what_llama_cpp_cpu_buffers_change(cal_models, engine):
     """The runs with --no-host give each type's CPU efficiency and prompt-batch rate in those buffers (Factors.repack)
     from times the cost model made with known values, also when the host slowed down between calibration's runs

@@ -76,11 +76,16 @@ def test_parameter_types_refuse_bad_values_in_one_line(args, needle):
     assert needle in lines[0]
 
 
-def test_plan_of_an_inventory_prints_json_with_every_tensor():
+def test_plan_of_an_inventory_prints_json_with_every_tensor_and_writes_its_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = invoke("plan", "inventory:deepseek-v3-pruned192", "--device", "strixhalo-128g", "--json")
     assert result.exit_code == 0
-    plan = json.loads(result.output)
-    assert plan["kind"] == "plan" and len(plan["tensors"]) > 700
+    summary = json.loads(result.output)
+    assert summary["arch"] == "deepseek2" and summary["n_expert"] == 192
+    assert summary["file_bytes"] <= summary["budget"]["weights_bytes"]
+    saved = json.loads((tmp_path / "ccmoe-plan.json").read_text())
+    assert len(saved["tensors"]) > 700                     # every weight matrix of the 61 blocks gets a type
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ccmoe-plan.json", "ccmoe-plan.png", "ccmoe-plan.types.txt"]
 
 
 def test_inspect_prints_the_moe_structure():

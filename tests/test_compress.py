@@ -36,6 +36,7 @@ def _one_line_error(result: subprocess.CompletedProcess, code: int, *words: str)
 
 # ---------------------------------------------------------------- planning without weights
 
+@pytest.mark.slow
 def test_pre_pruned_deepseek_v3_plan_fits_strix_halo(tmp_path):
     out = tmp_path / "dsv3.json"
     result = run_cli("plan", "inventory:deepseek-v3-pruned192", "--device", "strixhalo-128g", "-o", str(out), check=True)
@@ -95,6 +96,7 @@ def pipeline(engine, bundled_model, corpus, tmp_path_factory):
             "build_stdout": built.stdout}
 
 
+@pytest.mark.slow
 def test_profile_records_the_mean_routing_score_per_expert(pipeline):
     doc = json.loads((pipeline["work"] / "profile" / "ccmoe-mini-moe-f16.router-stats.json").read_text())
     assert doc["schema"] == "ccmoe-runtime/router-stats" and doc["n_expert"] == 8
@@ -103,6 +105,7 @@ def test_profile_records_the_mean_routing_score_per_expert(pipeline):
         assert sum(layer["frequency"]) == pytest.approx(2.0, rel=1e-6)          # two experts per token
 
 
+@pytest.mark.slow
 def test_profile_measures_output_impact_per_tensor(pipeline):
     impact = json.loads((pipeline["work"] / "profile" / "ccmoe-mini-moe-f16.impact.json").read_text())
     per = impact["impact"]
@@ -113,6 +116,7 @@ def test_profile_measures_output_impact_per_tensor(pipeline):
     assert max(per.values()) > 20 * min(per.values())
 
 
+@pytest.mark.slow
 def test_plan_beats_the_q2_k_mix_at_equal_size(pipeline, engine, bundled_model, corpus):
     assert "objective: predicted KLD" in pipeline["plan_stdout"]
     assert "tensors of the planned types, loads in llama.cpp" in pipeline["build_stdout"]
@@ -124,6 +128,7 @@ def test_plan_beats_the_q2_k_mix_at_equal_size(pipeline, engine, bundled_model, 
     assert ours.mean_kld < 0.7 * mix.mean_kld and ours.same_top > mix.same_top
 
 
+@pytest.mark.slow
 def test_build_skips_unchanged_inputs_and_refuses_to_overwrite(pipeline, bundled_model):
     before = pipeline["out"].stat().st_mtime_ns
     again = run_cli("build", str(bundled_model), "--plan", str(pipeline["plan"]), "-o", str(pipeline["out"]), check=True)
@@ -135,6 +140,7 @@ def test_build_skips_unchanged_inputs_and_refuses_to_overwrite(pipeline, bundled
     assert other.read_bytes() == b"keep me"
 
 
+@pytest.mark.slow
 def test_verify_catches_a_file_that_differs_from_its_plan(pipeline, engine):
     plan = load_plan(pipeline["plan"])
     verify(pipeline["out"], plan, engine)
@@ -144,6 +150,7 @@ def test_verify_catches_a_file_that_differs_from_its_plan(pipeline, engine):
         verify(pipeline["out"], plan, engine)
 
 
+@pytest.mark.slow
 def test_build_checks_free_disk_before_starting(pipeline, bundled_model, tmp_path):
     plan = json.loads(pipeline["plan"].read_text())
     plan["file_bytes"] = 10**18                                    # an exabyte: no disk here has that much free
@@ -154,6 +161,7 @@ def test_build_checks_free_disk_before_starting(pipeline, bundled_model, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.json"]
 
 
+@pytest.mark.slow
 def test_activation_adjustment_is_planned_and_written(bundled_model, tmp_path):
     plan = tmp_path / "adj.json"
     run_cli("plan", str(bundled_model), "--device", "cpu", "--budget-gb", "0.006", "--original-experts", "16",
@@ -170,6 +178,7 @@ def test_activation_adjustment_is_planned_and_written(bundled_model, tmp_path):
 
 # ---------------------------------------------------------------- interruption
 
+@pytest.mark.slow
 def test_interrupted_build_leaves_no_file_and_no_process(models_dir, tmp_path):
     import psutil
 
@@ -191,6 +200,7 @@ def test_interrupted_build_leaves_no_file_and_no_process(models_dir, tmp_path):
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 def test_eval_reports_quality_against_the_reference(pipeline, bundled_model, corpus):
     result = run_cli("eval", "--model", str(pipeline["out"]), "--reference", str(bundled_model), "--json", "-t", "2",
                      check=True)
@@ -203,6 +213,7 @@ def test_eval_reports_quality_against_the_reference(pipeline, bundled_model, cor
     assert "mean KLD" in text and "same top" in text
 
 
+@pytest.mark.slow
 def test_a_model_pruned_by_ccmoe_keeps_the_experts_used_prune_chose(bundled_model, tmp_path):
     pruned = tmp_path / "p.gguf"
     run_cli("prune", str(bundled_model), "--keep", "4", "--experts-used", "2", "-o", str(pruned), "-t", "2",

@@ -83,6 +83,7 @@ def test_export_writes_a_hf_folder(hf_folder):
     assert convert.is_hf_folder(hf_folder) and not convert.is_hf_folder(hf_folder / "config.json")
 
 
+@pytest.mark.slow
 def test_hf_folder_converts_to_the_same_model(hf_folder, bundled_model, bindings, corpus, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CCMOE_CACHE_DIR", str(cache))
@@ -127,6 +128,7 @@ def test_existing_output_is_kept_without_force(hf_folder, tmp_path):
     assert err.value.exit_code == EXIT_USAGE and out.read_bytes() == b"someone else's file"
 
 
+@pytest.mark.slow
 def test_broken_config_fails_in_one_line_and_leaves_nothing(hf_folder, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hf_folder, broken)
@@ -167,6 +169,7 @@ def test_missing_packages_and_disk_space(hf_folder, tmp_path, monkeypatch):
                                  "named 'sentencepiece'", "", "****"]).startswith("ModuleNotFoundError")
 
 
+@pytest.mark.slow
 def test_hub_repo_with_safetensors_is_downloaded_and_converted(hf_folder, tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     root = tmp_path / "hub" / "models--ccmoe--mini-moe"

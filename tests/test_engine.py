@@ -55,12 +55,14 @@ def test_engine_has_every_tool_and_feature(engine):
     assert "version" in info.version
 
 
+@pytest.mark.slow
 def test_engine_info_cli_json(engine):
     result = run_cli("engine", "info", "--json", check=True)
     info = json.loads(result.stdout)
     assert info["key"] == engine.key and info["tools"]["llama-quantize"]
 
 
+@pytest.mark.slow
 def test_user_build_missing_a_tool_is_named(engine, tmp_path):
     partial = tmp_path / "old-build" / "bin"
     shutil.copytree(engine.bin_dir, partial, symlinks=True)

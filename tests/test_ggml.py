@@ -23,6 +23,7 @@ def _tid(name: str) -> int:
     return gguf.GGMLQuantizationType[name].value
 
 
+@pytest.mark.slow
 def test_sizes_match_the_formats(ggml):
     rows = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
     imatrix = np.ones(512, dtype=np.float32)
@@ -32,6 +33,7 @@ def test_sizes_match_the_formats(ggml):
         assert ggml.row_size(_tid(name), 512) * 8 == pytest.approx(bpw * 512)
 
 
+@pytest.mark.slow
 def test_error_falls_as_bits_rise(ggml):
     rows = np.random.default_rng(1).standard_normal((32, 1024)).astype(np.float32)
     imatrix = np.random.default_rng(2).uniform(0.1, 3.0, 1024).astype(np.float32)

@@ -89,6 +89,7 @@ def test_dense_model_is_reported_as_dense(dense_model):
     assert result.returncode == 0 and "dense model" in result.stdout
 
 
+@pytest.mark.slow
 def test_truncated_and_corrupt_files_are_clear_errors(qwen3moe_model, tmp_path):
     data = qwen3moe_model.read_bytes()
     cases = {
@@ -136,6 +137,7 @@ def _lay_out_hub_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
         shutil.copy(src, dest)
 
 
+@pytest.mark.slow
 def test_hub_source_offline_from_the_cache(tmp_path, qwen3moe_model, deepseek2_model, monkeypatch):
     cache = tmp_path / "hub"
     spec = SynthSpec(arch="qwen3moe", n_layer=3, n_expert=8, n_expert_used=2, seed=2)

@@ -18,6 +18,7 @@ from conftest import run_cli
 from ccmoe_runtime.engine.server import free_port
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow          # a real server and client; the dry run is in the fast subset of test_serve.py
 API_KEY = "test-key"
 PARALLEL = 3
 

@@ -205,6 +205,7 @@ def test_expert_frequency_and_kv_type_move_predictions(q4_model, tmp_path):
     assert predict(uniform, where, device, f, 12, kv * 34 / 64, 4096).decode_tps > at_4k
 
 
+@pytest.mark.slow
 def test_place_command_writes_a_versioned_artifact(q4_model, tmp_path):
     toml = tmp_path / "small-gpu.toml"
     toml.write_text(GPU_TOML.format(name="small-gpu", gpu_gb=1.2))
@@ -347,6 +348,7 @@ def mixed_model(tmp_path_factory) -> Path:
                     [r"blk\.\d+\.ffn_gate_exps\.weight=q2_k", r"blk\.\d+\.ffn_up_exps\.weight=q2_k"])
 
 
+@pytest.mark.slow
 def test_types_slow_on_the_cpu_are_kept_on_the_gpu_when_that_outweighs_the_splits(mixed_model, tmp_path):
     loads = tensor_loads(read_gguf(mixed_model))
     experts = [ld for ld in loads if ld.cls == "routed_expert"]

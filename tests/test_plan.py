@@ -33,6 +33,7 @@ def test_hull_drops_dominated_and_concave_options():
     assert [o[0] for o in hull] == ["a", "b", "e"]   # c is dominated, d lies above the b-e segment
 
 
+@pytest.mark.slow
 def test_plans_fit_and_more_bytes_buy_less_error(bundled_model, measured):
     inv = read_gguf(bundled_model)
     _, sens = measured
@@ -45,11 +46,13 @@ def test_plans_fit_and_more_bytes_buy_less_error(bundled_model, measured):
     assert errors[0] > errors[1] > errors[2]
 
 
+@pytest.mark.slow
 def test_impossible_budget_names_the_minimum(bundled_model, measured):
     with pytest.raises(CcmoeError, match=r"even the smallest plan needs [\d.]+ MB but the budget for weights is 1.0 MB"):
         P.make_plan(read_gguf(bundled_model), measured[1], _budget(1_000_000))
 
 
+@pytest.mark.slow
 def test_llama_quantize_applies_the_plan(engine, bundled_model, measured, tmp_path):
     imatrix, sens = measured
     plan = P.make_plan(read_gguf(bundled_model), sens, _budget(5_000_000))

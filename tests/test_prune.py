@@ -221,6 +221,7 @@ def test_split_input_becomes_one_pruned_file(bindings, tmp_path):
     _runs(bindings, tmp_path / "one.gguf")
 
 
+@pytest.mark.slow
 def test_bundled_model_cli_prune_generates(bundled_model, bindings, calib, tmp_path):
     out = tmp_path / "b6.gguf"
     result = run_cli("prune", str(bundled_model), "--keep-ratio", "0.75", "--calib", str(calib), "--ctx", "256",
@@ -239,6 +240,7 @@ def test_bundled_model_cli_prune_generates(bundled_model, bindings, calib, tmp_p
 
 # ---------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(bundled_model, dense_model, calib, tmp_path):
     out = tmp_path / "x.gguf"
     cases = [(["--keep", "8"], "cannot keep 8 of 8"), (["--keep", "1"], "fewer than the 2 used"),

@@ -28,6 +28,7 @@ def history(engine, bundled_model, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_history_records_quality_with_host_and_time(history):
     records = [json.loads(line) for line in history.read_text().splitlines()]
     assert [r["kind"] for r in records] == ["eval", "eval", "bench"]
@@ -36,6 +37,7 @@ def test_eval_history_records_quality_with_host_and_time(history):
     assert q4["host"]["cores"] >= 1 and q4["time"].endswith("+00:00")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh --train installs it as root)")
 def test_report_renders_in_headless_chromium_with_every_chart(history, tmp_path):
     placement = {"model": "x.gguf", "tensors": {f"blk.{i}.{k}.weight": ("gpu" if i < 2 or "attn" in k else "cpu")

@@ -86,6 +86,7 @@ def test_without_imatrix_the_types_that_need_one_are_left_out(engine, bundled_mo
     assert result["types"] == ["Q2_K", "Q4_K"]
 
 
+@pytest.mark.slow
 def test_shipped_gaussian_error_table_is_what_ggml_measures(engine, measured):
     # the weight-less planner's error model (sensitivity.GAUSSIAN_TABLE) must be ggml's own figures
     import json

@@ -37,6 +37,7 @@ def test_profile_writes_frequencies_that_follow_the_skew(engine, calib, tmp_path
         measure_expert_stats(engine, model, calib, tmp_path / "out", ctx=128, chunks=8)
 
 
+@pytest.mark.slow
 def test_profile_cli_on_the_bundled_model(bundled_model, calib, tmp_path):
     result = run_cli("profile", str(bundled_model), "--calib", str(calib), "-o", str(tmp_path), "--ctx", "256",
                      "--chunks", "8", "--json", check=True)

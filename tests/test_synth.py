@@ -146,6 +146,7 @@ def _text(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_llama_cpp_mix_read_off_a_narrow_model_is_what_llama_quantize_gives_the_full_width(engine, tmp_path):
     """benchmarks/llama_mix.py: the Q4_K_M types read off llama-quantize's output on a narrow model with the same
     layers, written by synth at twice the width, are tensor for tensor the types (and sizes) llama-quantize itself

@@ -61,6 +61,7 @@ def test_bundled_model_is_a_trained_moe(bundled_model):
     assert info["heldout_ppl"] < info["unigram_ppl"] / 3
 
 
+@pytest.mark.slow
 def test_bundled_model_beats_unigram_on_heldout_text(engine, bundled_model, corpus):
     """llama-perplexity on the held-out text, against the training report's unigram baseline."""
     out = run_perplexity(engine, ["-m", str(bundled_model), "-f", str(corpus.heldout), "-c", "256", "-b", "256",
@@ -82,6 +83,7 @@ def test_bundled_model_writes_english(engine, bundled_model, corpus):
     assert known > 0.85, (known, text)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(engine, corpus, tmp_path):
     small = tmp_path / "corpus"
     small.mkdir()
