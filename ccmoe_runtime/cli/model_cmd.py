@@ -1,8 +1,9 @@
-"""`inspect`, `generate model|inventory`, `corpus`, `train-bundled`."""
+"""`inspect`, `generate model|inventory`, `corpus`, `train-bundled`, `train-reference`."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -18,11 +19,14 @@ from ..model.synth import (
     builtin_inventory,
     generate_model,
 )
-from ..testmodels.corpus import ensure_corpus
+from ..testmodels.corpus import ensure_corpus, ensure_reference_corpus
+from ..testmodels.reftrain import train_reference_model
 from ..testmodels.train import train_bundled_model
 from .app import main
-from .output import echo_result
+from .output import echo_json, echo_result
 from .params import COUNT, INPUT_FILE, OUTPUT
+
+SEED = click.IntRange(min=0)
 
 
 @main.command()
@@ -90,4 +94,27 @@ def train_bundled_cmd(out, steps, force) -> None:
     info = train_bundled_model(out, steps, force, find_engine(), ensure_corpus(),
                                progress=lambda r: click.echo(json.dumps(r), err=True))
     click.echo(f"wrote {info['output']}: held-out perplexity {info['heldout_ppl']} (unigram {info['unigram_ppl']}); "
+               f"report {info['report']}")
+
+
+@main.command("train-reference")
+@click.option("-o", "--out", type=OUTPUT, default=None,
+              help="Output GGUF (default: ~/.cache/ccmoe-runtime/reference/ccmoe-reference-ds2-sSEED-STEPS.gguf, reused if there).")
+@click.option("--steps", type=COUNT, default=None, help="Training steps (default: the recipe's).")
+@click.option("--seed", type=SEED, default=None, help="Random seed (default 1234); same seed and device, same file.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Where torch trains: auto picks CUDA when torch sees a GPU.")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Export weights trained elsewhere (the folder of `python -m ccmoe_runtime.testmodels.reference_job`) instead of training.")
+@click.option("--force", is_flag=True, help="Overwrite OUT (or retrain the cached model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def train_reference_cmd(out, steps, seed, device, weights, force, as_json) -> None:
+    """Train the deepseek2 reference model (MLA, shared expert, dense lead, 32 experts top-4) on the reference corpus."""
+    info = train_reference_model(out, steps, seed, force, device, weights, find_engine(), ensure_reference_corpus(),
+                                 progress=lambda r: click.echo(json.dumps(r), err=True))
+    if as_json:
+        echo_json({k: v for k, v in info.items() if k != "log"})
+        return
+    click.echo(f"{'cached' if info['cached'] else 'wrote'} {info['output']}: {info['parameters'] / 1e6:.1f}M parameters, "
+               f"held-out perplexity {info['heldout_ppl']} (unigram {info['unigram_ppl']}), trained on {info['device']}; "
                f"report {info['report']}")

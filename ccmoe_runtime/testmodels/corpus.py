@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import shutil
 import subprocess
@@ -38,18 +39,18 @@ def corpus_dir() -> Path:
     return cache_root() / "corpus" / CORPUS_PACKAGE
 
 
-def _download_deb(dest: Path) -> Path:
+def _download_deb(dest: Path, package: str = CORPUS_PACKAGE) -> Path:
     if not shutil.which("apt-get"):
-        raise CcmoeError(f"apt-get is not available to fetch Debian's {CORPUS_PACKAGE!r} package for the English corpus",
+        raise CcmoeError(f"apt-get is not available to fetch Debian's {package!r} package for the English corpus",
                          "run on a Debian/Ubuntu machine, or pass --calib FILE (plain English text) to commands that take it")
     for attempt in range(2):
-        out = subprocess.run(["apt-get", "download", CORPUS_PACKAGE], cwd=dest, capture_output=True, text=True)
-        debs = list(dest.glob(f"{CORPUS_PACKAGE}_*.deb"))
+        out = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+        debs = list(dest.glob(f"{package}_*.deb"))
         if out.returncode == 0 and debs:
             return debs[0]
         if attempt == 0:  # a fresh machine may have no package lists yet
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-    raise CcmoeError(f"could not download Debian package {CORPUS_PACKAGE!r} ({out.stderr.strip()[-200:]})",
+    raise CcmoeError(f"could not download Debian package {package!r} ({out.stderr.strip()[-200:]})",
                      "run `apt-get update`, or pass --calib FILE (plain English text) to commands that take it")
 
 
@@ -106,3 +107,49 @@ def ensure_corpus() -> Corpus:
 def calibration_text(path: Path | None) -> Path:
     """The user's calibration text, else the corpus's training part (fetched once)."""
     return Path(path) if path else ensure_corpus().train
+
+
+# The reference model's corpus: Python's documentation sources (reStructuredText, ~9.4 MB of technical
+# English) for training, and the GNU Coding Standards and Maintainers' guide (plain text) held out: a
+# different source, so held-out perplexity measures English, not memorised documents.
+REFERENCE_TRAIN_PACKAGE = "python3.11-doc"
+REFERENCE_HELDOUT_PACKAGE = "gnu-standards"
+
+
+def reference_corpus_dir() -> Path:
+    return cache_root() / "corpus" / "reference"
+
+
+def build_reference_corpus(root: Path, out_dir: Path, source: str) -> Corpus:
+    """train.txt from the .rst sources of python3.11-doc, heldout.txt from gnu-standards' text manuals."""
+    sources = sorted((root / "usr/share/doc/python3.11/html/_sources").rglob("*.rst.txt"))
+    train = [p.read_text(encoding="utf-8", errors="replace").strip() for p in sources]
+    gnu = root / "usr/share/doc/gnu-standards"
+    held = [gzip.decompress((gnu / f"{name}.text.gz").read_bytes()).decode("utf-8", "replace")
+            for name in ("maintain", "standards")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.txt").write_text("\n\n".join(t for t in train if len(t) > 20) + "\n")
+    (out_dir / "heldout.txt").write_text("\n".join(held))
+    digest = hashlib.sha256((out_dir / "train.txt").read_bytes() + (out_dir / "heldout.txt").read_bytes()).hexdigest()
+    (out_dir / "SOURCE").write_text(f"{source}\nsha256 {digest}\n")
+    return Corpus(out_dir / "train.txt", out_dir / "heldout.txt", source, digest)
+
+
+def ensure_reference_corpus() -> Corpus:
+    """The reference model's corpus, fetched once into the cache."""
+    out = reference_corpus_dir()
+    if (out / "SOURCE").is_file() and (out / "train.txt").is_file():
+        source, digest_line = (out / "SOURCE").read_text().splitlines()[:2]
+        return Corpus(out / "train.txt", out / "heldout.txt", source, digest_line.split()[-1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        debs = [_download_deb(tmp, p) for p in (REFERENCE_TRAIN_PACKAGE, REFERENCE_HELDOUT_PACKAGE)]
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
+        source = f"Debian packages {debs[0].name} (train) and {debs[1].name} (held out)"
+        build_reference_corpus(tmp / "root", tmp / "corpus", source)
+        if out.exists():
+            shutil.rmtree(out)
+        (tmp / "corpus").rename(out)
+    return ensure_reference_corpus()
