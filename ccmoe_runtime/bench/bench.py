@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.errors import EXIT_USAGE, CcmoeError
+from ..core.files import read_text
 from ..core.units import human_size
 from ..devices.detect import environment_threads
 from ..devices.profiles import DeviceProfile
@@ -369,15 +370,20 @@ def machine_change(current: BenchResult, baseline: dict) -> float | None:
 
 def load_baseline(path: Path) -> dict:
     """A bench result: a JSON file written by `bench --json`, or the last bench line of a history file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise CcmoeError(f"cannot read baseline {path} ({e})", "pass a file written by `ccmoe-run bench --json`") from None
+    text = read_text(Path(path), "baseline")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        lines = [json.loads(x) for x in text.splitlines() if x.strip().startswith("{")]
+        lines = [x for x in (_json_line(t) for t in text.splitlines()) if isinstance(x, dict)]
         doc = next((x for x in reversed(lines) if x.get("kind") == "bench"), None)
     if not isinstance(doc, dict) or "contenders" not in doc:
         raise CcmoeError(f"{path} holds no bench result", "pass a file written by `ccmoe-run bench --json`")
     return doc
+
+
+def _json_line(text: str):
+    """One JSON line, or None for a line that is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None

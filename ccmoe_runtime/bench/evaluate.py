@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..compress.quality import cached_reference_logits, kl_divergence
 from ..core.errors import CcmoeError
+from ..core.files import read_text
 from ..core.units import human_size
 from ..engine.build import Engine
 from ..model.inventory import read_gguf
@@ -58,8 +59,7 @@ def evaluate(engine: Engine, model: Path, reference: Path, text: Path, ctx: int 
              history: Path | None = None) -> EvalResult:
     """Quality of `model` against `reference` on `text` (the reference's logits are cached); appended to
     `history` when given (checked writable before the run)."""
-    if not Path(text).is_file():
-        raise CcmoeError(f"evaluation text {text} does not exist", "pass --text with a plain-text file")
+    read_text(Path(text), "evaluation text")           # missing, a folder, binary or not UTF-8: one line now
     if history:
         check_history(history)
     check_same_vocabulary(model, reference)

@@ -114,11 +114,12 @@ def place(model, device, ctx, parallel, kv_type, stats_file, calibration, load_m
 @click.option("--reps", "-r", type=COUNT, default=3, show_default=True, help="llama-bench repetitions.")
 @click.option("--threads", "-t", type=COUNT, default=None, help="Threads (default: llama-bench's).")
 @click.option("--llama-cpp-dir", type=click.Path(path_type=Path), default=None, help="Use an existing llama.cpp build.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, as_json) -> None:
+def calibrate(device, out, size_mb, types, reps, threads, llama_cpp_dir, force, as_json) -> None:
     """Measure this host's decode efficiency, per-layer and split costs, prompt throughput and link speed with
     llama-bench on generated models; serve and place use them."""
     type_list = [t.strip().lower() for t in types.split(",") if t.strip()] if types else None
     result = run_calibration(engine_for(device, llama_cpp_dir), device, out, size_mb, type_list, reps, threads,
-                             say(as_json))
+                             say(as_json), force)
     echo_result(result, as_json)

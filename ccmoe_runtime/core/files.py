@@ -59,8 +59,9 @@ def make_parent(path: Path) -> None:
 
 
 def disk_full_error(path: Path, e: OSError) -> CcmoeError:
-    """The one-line error for a write that failed (ENOSPC: exit 4; anything else: exit 2)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    """The one-line error for a write that failed (ENOSPC, EFBIG or a short write: exit 4; anything else: exit 2)."""
+    short_write = e.errno is None and "written" in str(e)       # numpy's tofile: "N requested and M written"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
         return CcmoeError(f"the disk filled while writing {path}", "free space there or write to another disk",
                           EXIT_RESOURCE)
     return CcmoeError(f"cannot write {path} ({e.strerror or e})", "check the path and its permissions", EXIT_USAGE)

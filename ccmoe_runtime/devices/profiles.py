@@ -9,6 +9,7 @@ from pathlib import Path
 import tomllib
 
 from ..core.errors import CcmoeError
+from ..core.files import read_text
 from ..core.units import GB
 
 POOL_KINDS = ("gpu", "cpu", "unified")
@@ -76,7 +77,7 @@ def _parse_profile(data: dict, source: str) -> DeviceProfile:
 
 def load_profile_file(path: Path) -> DeviceProfile:
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(read_text(Path(path), "device profile"))
     except tomllib.TOMLDecodeError as e:
         raise CcmoeError(f"device profile {path} is not valid TOML ({e})", "fix the file") from None
     return _parse_profile(data, str(path))

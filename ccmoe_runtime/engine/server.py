@@ -47,13 +47,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def resolve_host(host: str, port: int = 0) -> list:
+    """`host`'s addresses (getaddrinfo), or one line saying it does not resolve."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CcmoeError(f"the host {host!r} does not resolve ({getattr(e, 'strerror', None) or e})",
+                         "pass --host 127.0.0.1, 0.0.0.0 or an address of this machine") from None
+
+
+def check_cors_origins(origins: str) -> None:
+    """`localhost`, `*` or a comma-separated list of origins such as https://app.example.com."""
+    items = [o.strip() for o in origins.split(",")]
+    if not origins.strip() or not all(items) or any(o not in ("localhost", "*") and "://" not in o for o in items):
+        raise CcmoeError(f"--cors-origins {origins!r} is not localhost, '*' or a list of origins",
+                         "pass localhost, '*' or origins such as https://app.example.com,http://localhost:3000")
+
+
 def check_port_free(host: str, port: int) -> None:
     """The address resolves to this machine and the port is free there (else one line saying which)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise CcmoeError(f"the host {host!r} does not resolve ({e.strerror})",
-                         "pass --host 127.0.0.1, 0.0.0.0 or an address of this machine") from None
+    infos = resolve_host(host, port)
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

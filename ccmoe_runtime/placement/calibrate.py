@@ -458,14 +458,15 @@ def check_types(types: list[str] | None) -> None:
 
 def calibrate(engine: Engine, device: DeviceProfile, out: Path | None = None, size_mb: int | None = None,
               types: list[str] | None = None, reps: int = 3, threads: int | None = None,
-              progress=None) -> Calibration:
+              progress=None, force: bool = False) -> Calibration:
     """Generate models, run llama-bench, fit the factors and save the calibration (by default where `place` and
-    `serve` look for it)."""
+    `serve` look for it, replaced; an explicit `out` only with `force`)."""
     check_types(types)
     if reps < 1:
         raise CcmoeError(f"--reps {reps} is not a positive count", "pass --reps 1 or more")
+    force = force or not out
     out = Path(out) if out else calibration_path(device, engine.backend)
-    check_writable(out, force=True, what="calibration")
+    check_writable(out, force=force, what="calibration")
     main = main_pool(device)
     if main == "gpu" and engine.backend == "cpu":
         raise CcmoeError(f"device {device.name} has a GPU but the engine is a CPU build",
@@ -508,7 +509,7 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path | None = None, si
                       for mode, res in (("full", full), ("split", split or {}), ("split-repack", repack))
                       for (role, kind), t in res.items()},
              "fit": check}
-    save_calibration(out, factors, extra)
+    save_calibration(out, factors, extra, force)
     return Calibration(path=str(out), **extra, factors=factors)
 
 

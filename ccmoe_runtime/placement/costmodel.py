@@ -115,9 +115,9 @@ def calibration_path(device: DeviceProfile, backend: str | None = None) -> Path:
     return cache_root() / "calibrations" / f"{device.name}-{backend or device.backend}-{fp}.json"
 
 
-def save_calibration(path: Path, factors: Factors, extra: dict) -> Path:
+def save_calibration(path: Path, factors: Factors, extra: dict, force: bool = True) -> Path:
     return save_artifact(path, CALIBRATION_KIND, CALIBRATION_VERSION,
-                         {"host": host_fingerprint(), "factors": asdict(factors), **extra})
+                         {"host": host_fingerprint(), "factors": asdict(factors), **extra}, force=force)
 
 
 def load_calibration(path: Path) -> dict:

@@ -14,8 +14,10 @@ from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
 from ..engine.server import (
     LlamaServer,
+    check_cors_origins,
     ServerConfig,
     is_loopback,
+    resolve_host,
     serve_forever,
     server_command,
     streamed_chat,
@@ -86,6 +88,8 @@ def plan_server(engine: Engine | None, model: Path, device: DeviceProfile, setti
                 stats_file: Path | None = None, calibration: Path | None = None, trial: bool = False) -> ServerPlan:
     """Place `model` and spell out the llama-server command (no server started)."""
     check_port(port)
+    resolve_host(host, port)
+    check_cors_origins(cors_origins)
     placed = place_model(engine, model, device, settings, stats_file, calibration, trial)
     p = placed.placement
     cfg = ServerConfig(model=model, host=host, port=port, ctx=settings.ctx, parallel=settings.parallel,
