@@ -64,7 +64,7 @@ def test_bad_model_says_why_and_leaves_no_process(engine, tmp_path):
     server = LlamaServer(engine, ServerConfig(model=bad, ctx=256))
     with pytest.raises(CcmoeError) as err:
         server.start(timeout=60)
-    assert "exited with code" in str(err.value) and "could not be loaded" in str(err.value)
+    assert "ended while starting (exit 1)" in str(err.value) and "could not be loaded" in str(err.value)
     assert server.proc.poll() is not None
 
 

@@ -221,7 +221,7 @@ def cached_self_test(engine) -> SelfTest | None:
     doc = json.loads(manifest.read_text()).get("self_test")
     if not doc or doc.get("version") != SELF_TEST_VERSION:
         return None
-    return SelfTest(doc["ok"], doc["seconds"], [Check(**c) for c in doc["checks"]])
+    return self_test_from_dict(doc)
 
 
 def save_self_test(engine, result: SelfTest, reason: str | None = None) -> None:
@@ -240,6 +240,20 @@ def save_self_test(engine, result: SelfTest, reason: str | None = None) -> None:
     os.replace(tmp, manifest)
 
 
+def verdict(result: SelfTest) -> str:
+    """What a self-test means for its build: `use` it, try the `next` CPU feature set (a tool died by a signal:
+    an instruction this host refuses, a crash in a CPU kernel), or `fail` (a tool failed without a signal, which
+    another feature set would not change)."""
+    if result.ok:
+        return "use"
+    return "next" if any(c.signal for c in result.failures) else "fail"
+
+
+def self_test_from_dict(doc: dict) -> SelfTest:
+    """A SelfTest from its saved form (engine.json's self_test)."""
+    return SelfTest(doc["ok"], doc["seconds"], [Check(**c) for c in doc["checks"]])
+
+
 def ensure_engine(backend: str | None = None, jobs: int | None = None, extra_flags: tuple[str, ...] = (),
                   progress=None, cpu: str | None = None, say=None) -> Engine:
     """A cached engine for `backend` that passed its self-test: build the best CPU feature set first and, when a
@@ -253,12 +267,12 @@ def ensure_engine(backend: str | None = None, jobs: int | None = None, extra_fla
                 say(f"self-test of engine {engine.key} ({features}) ...")
             result = run_self_test(engine)
             save_self_test(engine, result)
-        if result.ok:
+        step = verdict(result)
+        if step == "use":
             if tried and engine.cpu_features_reason != "; ".join(tried):
                 save_self_test(engine, result, "; ".join(tried))
             return engine
-        crashed = [c for c in result.failures if c.signal]
-        if not crashed:
+        if step == "fail":
             raise CcmoeError(f"the engine {engine.key} failed its self-test ({result.reason()})",
                              "see `ccmoe-run engine info` for every check", EXIT_ENGINE)
         tried.append(f"{features}: {result.reason()}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..core.errors import EXIT_SERVER, CcmoeError
 from ..core.paths import cache_root
 from .build import Engine
+from .tools import describe_exit
 
 LOG_TAIL_LINES = 12
 
@@ -178,7 +179,7 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise self._failure(f"exited with code {self.proc.returncode} while starting")
+                raise self._failure(f"ended while starting ({describe_exit(self.proc.returncode)})")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200 and json.loads(r.read() or b"{}").get("status") == "ok":
@@ -268,7 +269,7 @@ def serve_forever(server: LlamaServer, on_ready=None) -> int:
             on_ready()
         while stop["signal"] is None:
             if not server.alive():
-                raise server._failure(f"died with code {server.proc.returncode}")
+                raise server._failure(f"died ({describe_exit(server.proc.returncode)})")
             time.sleep(0.3)
         return 0
     finally:

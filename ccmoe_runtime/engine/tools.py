@@ -55,6 +55,7 @@ SIGNAL_MEANINGS = {
     "SIGABRT": "the engine aborted (a failed internal check)",
     "SIGFPE": "the engine crashed (arithmetic fault)",
     "SIGKILL": "the process was killed (out of memory?)",
+    "SIGXFSZ": "a file grew past the file size limit (ulimit -f)",
 }
 
 
@@ -213,7 +214,7 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
                 proc.kill()
                 raise
         if proc.returncode:
-            if disk_filled(out.parent, "\n".join(tail)):
+            if proc.returncode == -signal.SIGXFSZ or disk_filled(out.parent, "\n".join(tail)):
                 raise CcmoeError(f"the disk filled while llama-quantize wrote {out} (the partial file is removed)",
                                  "free space there or write the output to another disk", EXIT_RESOURCE)
             raise tool_failure("llama-quantize", str(model), proc.returncode, "\n".join(tail),
