@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.errors import EXIT_ENGINE, CcmoeError
+from ..core.files import temp_beside
 from ..model.synth import SynthSpec, write_random_gguf
 from .build import (
     TOOLS,
@@ -235,9 +236,12 @@ def save_self_test(engine, result: SelfTest, reason: str | None = None) -> None:
     engine.self_test_ok = result.ok
     if reason is not None:
         info["cpu_features_reason"] = engine.cpu_features_reason = reason
-    tmp = manifest.with_name(".engine.json.part")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, manifest)
+    tmp = temp_beside(manifest)              # exclusive, random name; no lock: concurrent test runs share the cache
+    try:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+        os.replace(tmp, manifest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verdict(result: SelfTest) -> str:

@@ -183,7 +183,8 @@ def _env() -> dict[str, str]:
 def _run_converter(cmd: list[str], log_path: Path, progress: Progress | None) -> list[str]:
     """Run the converter, logging all output; returns the last lines, or raises with the failure line."""
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with open(log_path, "w") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)   # no planted link
+    with open(fd, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env=_env())
         try:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..core.errors import CcmoeError
-from ..core.files import write_atomic
+from ..core.files import temp_beside, write_atomic
 
 ARCH = "qwen3moe"
 HF_ARCH = "Qwen3MoeForCausalLM"
@@ -181,7 +181,7 @@ def export_hf(gguf_path: Path, out_dir: Path) -> Path:
     tensors = dict(hf_tensors(reader, config["num_hidden_layers"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.safetensors.part"
+    tmp = temp_beside(out_dir / "model.safetensors")      # exclusive, unpredictable: a planted link is not followed
     try:
         st.save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.chmod(0o644)
