@@ -140,6 +140,7 @@ CASES = [
     (["generate", "model", "--tensor-types", "binary.txt", "-o", "m.gguf"], 2, "binary"),
     (["generate", "model", "--tensor-types", "latin1.txt", "-o", "m.gguf"], 2, "utf-8"),
     (["inspect", "binary.json"], 2, "binary"),
+    (["serve", "--device", "cpu", "--api-key-file", "binary.txt", "--dry-run"], 2, "binary"),
     (["build", "model.gguf", "--plan", "binary.json", "-o", "o.gguf"], 2, "binary"),
     (["place", "model.gguf", "--device", "cpu", "--stats", "binary.json"], 2, "binary"),
     (["place", "model.gguf", "--device", "cpu", "--calibration", "binary.json"], 2, "binary"),

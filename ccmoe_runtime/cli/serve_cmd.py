@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import CcmoeError
+from ..core.files import read_text
 from ..placement.layout import Settings
 from ..serve.serve import plan_server, serve_model
 from .app import main
@@ -21,7 +22,7 @@ def read_api_key(key_file: Path | None) -> str | None:
     """The API key from --api-key-file (first line) or CCMOE_API_KEY: never from the command line, where `ps`
     would show it."""
     if key_file:
-        text = key_file.read_text(errors="replace").strip()
+        text = read_text(key_file, "API key file").strip()
         if not text:
             raise CcmoeError(f"{key_file} is empty", "write the API key on its first line")
         return text.splitlines()[0].strip()
