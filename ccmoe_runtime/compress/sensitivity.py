@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..core.paths import cache_root
 from ..engine.build import Engine
 from ..engine.ggml import Ggml
 from ..model.inventory import classify_tensor, summarize
+from .priors import class_priors, prior_impact
+from .priors import tensor_kind as kind_of
 
 SENSITIVITY_VERSION = 2
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K",
@@ -197,6 +200,8 @@ def prior_sensitivity(engine: Engine, inv, types: tuple[str, ...] = LADDER) -> d
     errors = gaussian_table(engine, ggml, types)
     summary = summarize(inv)
     n_layer, share = max(summary.n_layers, 1), summary.n_expert_used / max(summary.n_expert, 1)
+    measured = class_priors(inv.arch)
+    kind_layers = Counter(kind_of(t.name) for t in inv.tensors if t.name.startswith("blk."))
     tensors = {}
     for t in inv.tensors:
         cls = classify_tensor(t.name)
@@ -207,12 +212,15 @@ def prior_sensitivity(engine: Engine, inv, types: tuple[str, ...] = LADDER) -> d
         if cls == "embed_output":          # no imatrix data there (see tensor_errors)
             ok = [k for k in ok if not ggml.requires_imatrix(gguf.GGMLQuantizationType[k].value)]
         layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
-        impact = PRIOR_IMPACT[prior_kind(t.name)] / (1 if layer is None else n_layer)
+        usage = prior_impact(measured, t.name, layer, n_layer, kind_layers[kind_of(t.name)]) if measured else None
+        if usage is None:   # the bundled qwen3moe's kind table, routed experts weighted by their share of tokens
+            usage = PRIOR_IMPACT[prior_kind(t.name)] / (1 if layer is None else n_layer)
+            usage *= share if cls == "routed_expert" else 1.0
         tensors[t.name] = {
             "class": cls, "layer": layer, "shape": list(t.shape), "source_type": t.ggml_type,
-            "n_elements": t.n_elements, "usage": impact * (share if cls == "routed_expert" else 1.0),
+            "n_elements": t.n_elements, "usage": usage,
             "error": {k: errors[k] for k in ok},
             "bytes": {k: ggml.row_size(gguf.GGMLQuantizationType[k].value, n_per_row) * n_rows for k in ok},
         }
     return {"model": inv.source, "imatrix": None, "types": list(types), "rows_per_expert": 0,
-            "prior": "gaussian rows x impact by tensor kind", "tensors": tensors}
+            "prior": f"gaussian rows x {measured['source'] if measured else 'impact by tensor kind'}", "tensors": tensors}
