@@ -140,6 +140,9 @@ CASES = [
     (["generate", "model", "--tensor-types", "binary.txt", "-o", "m.gguf"], 2, "binary"),
     (["generate", "model", "--tensor-types", "latin1.txt", "-o", "m.gguf"], 2, "utf-8"),
     (["inspect", "binary.json"], 2, "binary"),
+    (["prune", "model.gguf", "--keep", "2", "--calib", "binary.txt", "-o", "o.gguf"], 2, "binary"),
+    (["measure", "model.gguf", "--calib", "latin1.txt", "-o", "meas"], 2, "utf-8"),
+    (["compress", "model.gguf", "--device", "cpu", "--calib", "binary.txt", "-o", "o.gguf"], 2, "binary"),
     (["serve", "--device", "cpu", "--api-key-file", "binary.txt", "--dry-run"], 2, "binary"),
     (["build", "model.gguf", "--plan", "binary.json", "-o", "o.gguf"], 2, "binary"),
     (["place", "model.gguf", "--device", "cpu", "--stats", "binary.json"], 2, "binary"),
@@ -153,6 +156,11 @@ CASES = [
     (["plan", INV, "--device", "strixhalo-128g", "--budget-gb", "-3"], 2, "budget"),
     (["compress", "model.gguf", "--device", "cpu", "--budget-gb", "nan", "-o", "o.gguf"], 2, "budget"),
     (["generate", "model", "--layers", "-1", "-o", "m.gguf"], 2, "layers"),
+    (["generate", "model", "--skew", "nan", "-o", "m.gguf"], 2, "skew"),
+    (["bench", "--max-regression", "nan", "--no-history"], 2, "regression"),
+    (["prune", "model.gguf", "--keep-ratio", "nan", "-o", "o.gguf"], 2, "keep-ratio"),
+    (["prune", "model.gguf", "--keep", "2", "--alpha", "inf", "-o", "o.gguf"], 2, "alpha"),
+    (["generate", "model", "--experts", "100000", "--embd", "100000", "-o", "m.gguf"], 4, "free"),
     (["generate", "model", "--layers", "0", "-o", "m.gguf"], 2, "layers"),
     (["generate", "model", "--embd", "-8", "-o", "m.gguf"], 2, "embd"),
     (["generate", "model", "--embd", "40", "-o", "m.gguf"], 2, "32"),
@@ -272,6 +280,10 @@ def full_disk(work):
     ["inspect", INV, "--save", "disk/i.json"],
     ["place", "model.gguf", "--device", "strixhalo-128g", "-o", "disk/p.json"],
     ["generate", "inventory", "deepseek-v3", "-o", "disk/i.json"],
+    ["report", "--history", "none.jsonl", "-o", "disk/r.html"],
+    ["build", "model.gguf", "--plan", "plan.json", "-o", "disk/b.gguf"],
+    ["prune", "model.gguf", "--keep", "2", "--method", "random", "-o", "disk/p.gguf"],
+    ["generate", "model", "--type", "q4_k", "-o", "disk/q.gguf"],
 ], ids=lambda a: " ".join(a[:2]))
 def test_a_full_disk_exits_4_and_leaves_nothing(full_disk, work, args):
     before = snapshot(work)

@@ -24,7 +24,7 @@ from ..testmodels.reftrain import train_reference_model
 from ..testmodels.train import train_bundled_model
 from .app import main
 from .output import echo_json, echo_result
-from .params import COUNT, INPUT_FILE, OUTPUT
+from .params import COUNT, INPUT_FILE, NON_NEGATIVE, OUTPUT
 
 SEED = click.IntRange(min=0)
 
@@ -53,7 +53,7 @@ def generate() -> None:
 @click.option("--experts", type=COUNT, default=16)
 @click.option("--experts-used", type=COUNT, default=4)
 @click.option("--expert-ff", type=COUNT, default=256, help="Feed-forward size of one expert.")
-@click.option("--skew", type=click.FloatRange(0), default=0.0, help="0 = uniform expert use; larger = a few popular experts.")
+@click.option("--skew", type=NON_NEGATIVE, default=0.0, help="0 = uniform expert use; larger = a few popular experts.")
 @click.option("--seed", type=click.IntRange(0), default=0)
 @click.option("--type", "qtype", type=click.Choice(SYNTH_TYPES, case_sensitive=False), default="f16", show_default=True,
               help="Weight type, written directly as random blocks.")

@@ -56,6 +56,16 @@ class PositiveFloat(click.ParamType):
         return x
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange without nan (which passes every comparison) and without inf."""
+
+    def convert(self, value, param, ctx) -> float:
+        x = super().convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
 DEVICE = DeviceType()
 MODEL = ModelType()
 INVENTORY = InventoryType()
@@ -63,8 +73,9 @@ POSITIVE = PositiveFloat()
 COUNT = click.IntRange(min=1)               # repetitions, rounds, slots, threads, layers
 CONTEXT = click.IntRange(min=16)            # llama.cpp's smallest context
 PORT = click.IntRange(0, 65535)             # 0: any free port
-RATIO = click.FloatRange(0, 1, min_open=True)
-PERCENT = click.FloatRange(0, 100, min_open=True, max_open=True)
+RATIO = FiniteRange(0, 1, min_open=True)
+PERCENT = FiniteRange(0, 100, min_open=True, max_open=True)
+NON_NEGATIVE = FiniteRange(0)
 OUTPUT = click.Path(dir_okay=False, path_type=Path)          # writability is checked before the work starts
 INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.artifacts import load_artifact
 from ..core.errors import CcmoeError
+from ..core.files import read_text
 from ..engine.build import Engine
 from ..model.experts import load_expert_stats
 from .impact import IMPACT_VERSION, measure_impact, save_impact
@@ -70,6 +71,7 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
                   impact: bool | None = None, force: bool = False, threads: int | None = None,
                   progress=None) -> Measurements:
     """imatrix and expert statistics (llama-imatrix), per-type errors (ggml), and output impact (probe builds)."""
+    read_text(Path(calib), "calibration text")        # binary or not UTF-8: one line before any tool runs
     paths = measurement_paths(folder, model)
     if not force:
         for p in (paths["sensitivity"], paths["impact"]):

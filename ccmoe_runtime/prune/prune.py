@@ -26,7 +26,7 @@ import numpy as np
 
 from ..compress.router import cached_router_stats, router_stats_path
 from ..core.errors import CcmoeError
-from ..core.files import check_writable, staged_output
+from ..core.files import check_writable, read_text, staged_output
 from ..core.units import human_size
 from ..engine.build import Engine
 from ..model.inventory import (
@@ -367,6 +367,7 @@ def prune_model(engine: Engine | None, model: Path, out: Path, keep: int | None 
     if stats is None and method != "random":
         if calib is None:
             raise CcmoeError(f"pruning by {method} needs calibration text", "pass --calib FILE")
+        read_text(Path(calib), "calibration text")
         stats_path = stats_path or router_stats_path(out.parent, model)
         stats = cached_router_stats(engine, model, calib, stats_path, ctx=ctx, chunks=chunks, threads=threads)
     if stats is not None:
