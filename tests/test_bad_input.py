@@ -306,3 +306,19 @@ def test_a_file_size_limit_exits_4_in_a_subprocess(work):
     assert result.returncode == 4, result.stderr
     assert "disk" in line or "file size" in line
     assert snapshot(work) == before
+
+
+def test_llama_quantize_past_the_file_size_limit_exits_4_and_leaves_nothing(work, engine):
+    # why: the real llama-quantize dies by SIGXFSZ mid-write (the pre-check passed); exit 4, no partial file
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    (work / "out").mkdir()
+    before = snapshot(work)
+    result = subprocess.run([sys.executable, "-m", "ccmoe_runtime.cli", "build", "model.gguf", "--plan", "plan.json",
+                             "-o", "out/b.gguf"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    line = _one_error_line(result.stderr)
+    assert result.returncode == 4, result.stderr
+    assert "file size limit" in line and "llama-quantize" in line
+    assert snapshot(work) == before

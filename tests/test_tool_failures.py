@@ -83,12 +83,12 @@ def test_llama_quantize_killed_by_a_signal_is_named_and_leaves_nothing(dying_eng
 
 @pytest.mark.parametrize("dying_engine", ["XFSZ"], indirect=True)
 def test_llama_quantize_past_the_file_size_limit_is_a_full_disk(dying_engine, tmp_path):
-    # why: SIGXFSZ is the kernel refusing a bigger file: exit 4 like a full disk, not an engine failure
+    # why: SIGXFSZ is the kernel refusing a bigger file: exit 4 (no room), not an engine failure
     out = tmp_path / "out" / "q.gguf"
     out.parent.mkdir()
     with pytest.raises(CcmoeError) as e:
         quantize(dying_engine, tmp_path / "in.gguf", out, "Q4_K", [])
-    assert e.value.exit_code == EXIT_RESOURCE and "disk" in e.value.one_line()
+    assert e.value.exit_code == EXIT_RESOURCE and "file size limit" in e.value.one_line()
     assert list(out.parent.iterdir()) == []
 
 

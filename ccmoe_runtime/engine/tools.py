@@ -214,9 +214,12 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
                 proc.kill()
                 raise
         if proc.returncode:
-            if proc.returncode == -signal.SIGXFSZ or disk_filled(out.parent, "\n".join(tail)):
-                raise CcmoeError(f"the disk filled while llama-quantize wrote {out} (the partial file is removed)",
-                                 "free space there or write the output to another disk", EXIT_RESOURCE)
+            if proc.returncode == -signal.SIGXFSZ:
+                raise CcmoeError(f"llama-quantize hit the file size limit (ulimit -f) writing into {out.parent} (the "
+                                 "partial file is removed)", "raise the limit or free space there", EXIT_RESOURCE)
+            if disk_filled(out.parent, "\n".join(tail)):
+                raise CcmoeError(f"the disk filled while llama-quantize wrote into {out.parent} (the partial file is "
+                                 "removed)", "free space there or write the output to another disk", EXIT_RESOURCE)
             raise tool_failure("llama-quantize", str(model), proc.returncode, "\n".join(tail),
                                "check the model, the plan's types and the imatrix")
         os.replace(tmp, out)
@@ -229,7 +232,7 @@ def quantize(engine: Engine, model: Path, out: Path, base_type: str, type_lines:
 
 def disk_filled(folder: Path, output: str) -> bool:
     """Whether a tool's failure was a full disk: its own words, or (almost) no space left where it wrote."""
-    if "no space left" in output.lower() or "enospc" in output.lower():
+    if any(w in output.lower() for w in ("no space left", "enospc", "file too large", "disk quota")):
         return True
     try:
         return shutil.disk_usage(folder).free < 16 * MIB
