@@ -322,3 +322,35 @@ def test_llama_quantize_past_the_file_size_limit_exits_4_and_leaves_nothing(work
     assert result.returncode == 4, result.stderr
     assert "file size limit" in line and "llama-quantize" in line
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "--model", "model.gguf", "--device", "cpu", "--history", "disk/h.jsonl"],
+    ["eval", "--model", "model.gguf", "--reference", "model.gguf", "--history", "disk/h.jsonl"],
+], ids=lambda a: a[0])
+def test_a_history_on_a_full_disk_is_refused_before_measuring(full_disk, work, args):
+    # why: bench and eval lost minutes of measurements when the history could not take them at the end
+    before = snapshot(work)
+    result = CliRunner().invoke(main, args)
+    line = _one_error_line(result.output)
+    assert result.exit_code == 4 and "no room" in line, result.output
+    assert snapshot(work) == before
+
+
+def test_a_history_record_that_does_not_fit_leaves_the_history_as_it_was(work):
+    from ccmoe_runtime.bench.history import append_history, read_history
+    from ccmoe_runtime.core.errors import CcmoeError
+
+    disk = work / "disk"
+    disk.mkdir()
+    if not _mount(disk, "size=64k"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        history = disk / "h.jsonl"
+        append_history(history, "eval", {"n": 1})
+        with pytest.raises(CcmoeError) as e:
+            append_history(history, "eval", {"blob": "x" * 200_000})
+        assert e.value.exit_code == 4
+        assert [r["n"] for r in read_history(history)] == [1]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

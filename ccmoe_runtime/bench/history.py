@@ -6,12 +6,14 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
-from ..core.errors import CcmoeError
+from ..core.errors import EXIT_RESOURCE, CcmoeError
 from ..core.files import disk_full_error, make_parent, read_text
 
 DEFAULT_HISTORY = Path("ccmoe-results") / "history.jsonl"
+HISTORY_ROOM = 1 << 20          # free bytes a record needs, checked before the measuring starts
 
 
 def host_id() -> dict:
@@ -28,12 +30,28 @@ def append_history(path: Path, kind: str, record: dict) -> dict:
              "host": host_id(), **record}
     path = Path(path)
     make_parent(path)
+    data = (json.dumps(entry, default=str) + "\n").encode()
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
+        _append_whole(path, data)
     except OSError as e:
         raise disk_full_error(path, e) from None
     return entry
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` entirely or not at all (a failed write is cut back off: no half line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_history(path: Path) -> list[dict]:
@@ -61,6 +79,10 @@ def check_history(path: Path) -> Path:
         raise CcmoeError(f"{existing} is not a folder", "choose another --history path")
     if not os.access(existing, os.W_OK):
         raise CcmoeError(f"{existing} is not writable", "choose a writable --history path, or pass --no-history")
+    folder = existing if existing.is_dir() else existing.parent
+    if shutil.disk_usage(folder).free < HISTORY_ROOM:
+        raise CcmoeError(f"{folder} has no room for the history record", "free space there or pass --no-history",
+                         EXIT_RESOURCE)
     if path.is_file():
         read_history(path)       # a damaged history is reported now, not after the run
     return path

@@ -47,8 +47,9 @@ def load_artifact(path: Path, kind: str, max_version: int) -> dict[str, Any]:
         raise CcmoeError(f"{path} is not valid JSON ({e})", "recreate it with ccmoe-run") from None
     if not isinstance(doc, dict) or doc.get("schema") != f"{SCHEMA_PREFIX}/{kind}":
         schema = doc.get("schema") if isinstance(doc, dict) else None
-        raise CcmoeError(f"{path} is not a {kind} artifact (schema {schema!r})",
-                         f"pass a file written by ccmoe-run as a {kind}")
+        article = "an" if kind[:1] in "aeiou" else "a"
+        raise CcmoeError(f"{path} is not {article} {kind} artifact (schema {schema!r})",
+                         f"pass {article} {kind} file written by ccmoe-run")
     if not isinstance(doc.get("version"), int) or doc["version"] > max_version:
         raise CcmoeError(f"{path} has {kind} schema version {doc.get('version')}, this ccmoe-run reads up to {max_version}",
                          "upgrade ccmoe-runtime or recreate the file")
