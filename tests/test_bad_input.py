@@ -128,6 +128,8 @@ CASES = [
     # binary or non-UTF-8 text inputs
     (["devices", "binary.toml"], 2, "binary"),
     (["devices", "latin1.toml"], 2, "utf-8"),
+    (["devices", "missing.toml"], 2, "does not exist"),
+    (["plan", INV, "--device", "ro", "--budget-gb", "1"], 2, "unknown device"),
     (["plan", INV, "--device", "binary.toml"], 2, "binary"),
     (["place", "model.gguf", "--device", "latin1.toml"], 2, "utf-8"),
     (["serve", "--device", "binary.toml", "--dry-run"], 2, "binary"),

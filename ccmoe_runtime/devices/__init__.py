@@ -14,7 +14,10 @@ def get_profile(name: str) -> DeviceProfile:
     """A profile by name, a path to a TOML file, or `auto` for this host."""
     if name == "auto":
         return detect_host()
-    if name.endswith(".toml") and Path(name).is_file():
+    if name.endswith(".toml"):
+        if not Path(name).exists():
+            raise CcmoeError(f"device profile {name} does not exist",
+                             f"check the path, or choose one of: {', '.join(profile_names())}, auto")
         return load_profile_file(Path(name))
     path = profiles_dir() / f"{name}.toml"
     if not path.is_file():
