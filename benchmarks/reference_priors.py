@@ -1,6 +1,6 @@
 """The deepseek2 reference model: held-out perplexity, routing, and the class priors the weight-less planner ships.
 
-Usage: python benchmarks/reference_priors.py MODEL.gguf [--work DIR] [--priors OUT.json] [--threads 2]
+Usage: python benchmarks/reference_priors.py MODEL.gguf [--work DIR] [--priors OUT.json] [--threads 2] [--chunks 64]
 
 MODEL is the GGUF `ccmoe-run train-reference` wrote. Runs llama-perplexity on the held-out text (GNU
 standards), the impact probes of `measure --impact` (each tensor kind x depth band quantized alone to Q4_0 over
@@ -36,15 +36,15 @@ def perplexity(engine, model: Path, text: Path, ctx: int, threads: int) -> tuple
     return float(m.group(1)), float(m.group(2)), time.monotonic() - started
 
 
-def measure_class_impact(engine, model: Path, text: Path, work: Path, ctx: int, threads: int) -> dict:
+def measure_class_impact(engine, model: Path, text: Path, work: Path, ctx: int, threads: int, chunks: int = 64) -> dict:
     """imatrix, per-tensor Q4_0/Q8_0 errors and probe builds at Q4_0: the reference model's rows (128 or 64
     weights) are too short for the 256-weight K/IQ types the planner's ladder probes with."""
     paths = measurement_paths(work, model)
-    stats = measure_expert_stats(engine, model, text, work, ctx=ctx, chunks=64, threads=threads, force=True)
+    stats = measure_expert_stats(engine, model, text, work, ctx=ctx, chunks=chunks, threads=threads, force=True)
     sens = measure_sensitivity(engine, model, paths["imatrix"], stats, types=("Q4_0", "Q8_0"))
     save_sensitivity(sens, paths["sensitivity"])
     impact = measure_impact(engine, model, sens, text, work / ".impact-work", imatrix=paths["imatrix"],
-                            ctx=ctx, chunks=64, threads=threads)
+                            ctx=ctx, chunks=chunks, threads=threads)
     save_impact(impact, paths["impact"])
     return impact
 
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("reference-measurements"))
     ap.add_argument("--priors", type=Path, default=PRIORS_DIR / "class-priors-deepseek2.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=64, help="256-token chunks of held-out text each probe is scored on")
     a = ap.parse_args()
     engine, corpus = find_engine(), ensure_reference_corpus()
     inv = read_gguf(a.model)
@@ -66,7 +67,7 @@ def main() -> None:
     print(f"| held-out perplexity, torch (all positions) | {info['heldout_ppl']} |")
     print(f"| unigram baseline | {info['unigram_ppl']} |")
     started = time.monotonic()
-    impact = measure_class_impact(engine, a.model, corpus.heldout, a.work, ctx, a.threads)
+    impact = measure_class_impact(engine, a.model, corpus.heldout, a.work, ctx, a.threads, a.chunks)
     print(f"\nimpact probes: {time.monotonic() - started:.0f} s, {len(impact['groups'])} probes, "
           f"Q8_0 base KLD {impact['reference_kld']:.5f} ± {impact['reference_kld_se']:.5f}")
     priors = priors_from_impact(impact, summarize(inv).n_layers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ccmoe_runtime.compress.priors import band_of, prior_impact, priors_from_impact
+from ccmoe_runtime.compress.priors import band_of, class_priors, prior_impact, priors_from_impact
 
 
 def test_priors_fold_impact_by_kind_and_depth():
@@ -19,3 +19,24 @@ def test_priors_fold_impact_by_kind_and_depth():
     assert prior_impact(p, "blk.0.attn_q.weight", 0, 3, 1) is None          # not measured, no alias target
     assert band_of(60, 61) == 2 and band_of(0, 61) == 0
 
+
+
+def test_deepseek2_priors_ship_every_class_of_the_architecture():
+    p = class_priors("deepseek2")
+    assert p is not None and class_priors("qwen3moe") is None
+    for kind in ("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output", "ffn_gate_exps",
+                 "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_down",
+                 "token_embd", "output"):
+        assert p["kinds"][kind]["total"] > 0, kind
+
+
+def test_weightless_deepseek_plan_uses_the_measured_priors(engine):
+    from ccmoe_runtime.compress.sensitivity import prior_sensitivity
+    from ccmoe_runtime.model.synth import builtin_inventory
+
+    inv = builtin_inventory("deepseek-v3-pruned192")
+    sens = prior_sensitivity(engine, inv)
+    p = class_priors("deepseek2")
+    t = sens["tensors"]["blk.30.ffn_down_exps.weight"]
+    assert t["usage"] == pytest.approx(prior_impact(p, "blk.30.ffn_down_exps.weight", 30, 61, 58))
+    assert "measured class priors" in sens["prior"]
