@@ -326,3 +326,13 @@ def test_decide_time_limit_allows_for_the_longest_round():
     v = V.decide(next_round, time_limit_s=15.0, clock=clock)
     # after 11 s a third round might last 10 s again and end at 21 s: not started
     assert v.rounds == 2 and v.stopped_by == "time_limit" and v.elapsed_s == pytest.approx(11.0)
+
+
+def test_gate_worst_decision_and_measure_flags():
+    from ccmoe_runtime.bench.gate import measure_args, worst
+    # why: one regressed measure fails the whole gate; inconclusive never hides a regression
+    assert worst(["ok", "inconclusive", "regression"]) == "regression"
+    assert worst(["ok", "inconclusive"]) == "inconclusive"
+    assert worst(["ok"]) == "ok"
+    # why: decode at a depth is llama-bench -d with no prompt test
+    assert measure_args("tg@d512")[-2:] == ["-d", "512"] and measure_args("pp")[1] == "64"

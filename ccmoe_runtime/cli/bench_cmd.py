@@ -9,6 +9,7 @@ import click
 
 from ..bench.bench import MIN_ROUND_S, bench_model
 from ..bench.evaluate import evaluate
+from ..bench.gate import Side, run_gate
 from ..bench.report import write_report
 from ..core.errors import EXIT_REGRESSION, CcmoeError
 from ..core.files import read_text
@@ -16,7 +17,7 @@ from ..engine.build import find_engine
 from ..testmodels.corpus import ensure_corpus
 from .app import main
 from .output import echo_result, say
-from .params import CONTEXT, COUNT, DEVICE, INPUT_FILE, MODEL, OUTPUT, PERCENT, POSITIVE
+from .params import CONTEXT, COUNT, DEVICE, FOLDER, INPUT_FILE, MODEL, OUTPUT, PERCENT, POSITIVE
 from .placement_cmd import cpu_repack_option, engine_for, load_mode_option
 
 DEFAULT_HISTORY = Path("ccmoe-results/history.jsonl")
@@ -36,12 +37,28 @@ DEFAULT_HISTORY = Path("ccmoe-results/history.jsonl")
               help="Percent tokens/s may fall below the baseline before the exit is non-zero (6).")
 @click.option("--min-round-s", type=POSITIVE, default=MIN_ROUND_S, show_default=True,
               help="Seconds of measured work per contender per round (more repetitions for fast models).")
+@click.option("--engine-b", type=FOLDER, default=None, help="A/B gate: B's llama.cpp build (default: A's).")
+@click.option("--model-b", type=MODEL, default=None, help="A/B gate: B's model (default: A's).")
+@click.option("--threads-b", type=COUNT, default=None, help="A/B gate: B's threads (default: A's).")
+@click.option("--depth", type=click.IntRange(min=0), multiple=True, help="A/B gate: decode after this many cached tokens (repeatable; default 0).")
+@click.option("--max-seconds", type=POSITIVE, default=180.0, show_default=True, help="A/B gate: time for all its rounds.")
 @load_mode_option
 @cpu_repack_option
 @click.option("--json", "as_json", is_flag=True)
-def bench(device, model, runs, threads, history, no_history, baseline, max_regression, min_round_s, load_mode,
-          cpu_repack, as_json) -> None:
-    """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated."""
+def bench(device, model, runs, threads, history, no_history, baseline, max_regression, min_round_s, engine_b, model_b,
+          threads_b, depth, max_seconds, load_mode, cpu_repack, as_json) -> None:
+    """Prompt and generation tokens/s of ccmoe's placement and llama.cpp's own, alternating, repeated.
+
+    With --engine-b, --model-b or --threads-b: an A/B gate instead (paired rounds, a verdict per measure with its
+    interval; exit 6 on a regression, 0 on pass or inconclusive)."""
+    if engine_b or model_b or threads_b:
+        a = Side(engine_for(device, None), model, threads or 1)
+        b = Side(engine_for(device, engine_b) if engine_b else a.engine, model_b or model, threads_b or a.threads)
+        got = run_gate(a, b, list(depth), max_regression / 100, max_seconds, say(as_json))
+        echo_result(got, as_json)
+        if got.decision == "regression":
+            raise CcmoeError("tokens/s of B regressed against A beyond the interval", "", EXIT_REGRESSION)
+        return
     result = bench_model(engine_for(device, None), model, device, runs, threads, say(as_json), min_round_s, load_mode,
                          cpu_repack, None if no_history else history, baseline, max_regression)
     echo_result(result, as_json)
