@@ -8,6 +8,7 @@ import click
 
 from ..compress.measure import load_measurements, measure_model
 from ..compress.pipeline import (
+    check_compress,
     check_plan_files,
     compress_model,
     load_plan,
@@ -119,17 +120,23 @@ def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
 
 
 @main.command()
-@click.argument("model", type=MODEL)
+@click.argument("model", type=INVENTORY)
 @_plan_options
 @click.option("-o", "--out", type=OUTPUT, required=True, help="The GGUF to write.")
+@click.option("--check", "check_only", is_flag=True,
+              help="Only run the checks compress starts with (fit, disk, RAM); works on an inventory.")
 @_calib_option
 @click.option("--impact/--no-impact", default=None, help="Measure output impact (default: models up to 4 GB).")
 @click.option("--threads", "-t", type=COUNT, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUT and earlier measurements.")
 @click.option("--json", "as_json", is_flag=True)
-def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, calib, impact, threads,
-             force, as_json) -> None:
-    """measure -> plan -> build in one go; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
+def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, check_only, calib, impact,
+             threads, force, as_json) -> None:
+    """Check fit, disk and RAM, then measure -> plan -> build; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
+    if check_only:
+        echo_result(check_compress(find_engine(), model, device, out, ctx, parallel, budget_gb, impact, threads),
+                    as_json)
+        return
     with progress_bar("impact probes") as measuring, progress_bar("quantizing") as quantizing:
         result = compress_model(find_engine(), model, device, out, calibration_text(calib), ctx, parallel, budget_gb,
                                 experts_used, original_experts, impact, threads, force, measuring, quantizing)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.artifacts import artifact_bytes, load_artifact
+from ..core.errors import CcmoeError
 from ..core.files import check_writable, write_atomic
 from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
 from ..model.inventory import ModelInventory, read_gguf, require_moe, summarize
+from .checks import CheckResult, preflight
 from .measure import Measurements, load_measurements, measure_model, measurement_paths
 from .plan import (
     PLAN_KIND,
@@ -96,12 +98,30 @@ def work_folder(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".gguf") + ".ccmoe")
 
 
-def compress_model(engine: Engine, model: Path, device: DeviceProfile, out: Path, calib: Path, ctx: int = 8192,
+def weights_path(inv: ModelInventory, command: str) -> Path:
+    """The GGUF behind an inventory; a weight-less inventory (`inventory:NAME`, a saved .json) has none."""
+    if not inv.shards or not Path(inv.source).is_file():
+        raise CcmoeError(f"{inv.source} is a weight-less inventory (shapes only); `{command}` needs the model's "
+                         "weights", f"pass the GGUF file, or run `ccmoe-run {command} --check` or `plan` on the inventory")
+    return Path(inv.source)
+
+
+def check_compress(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: Path, ctx: int = 8192,
+                   parallel: int = 1, budget_gb: float | None = None, impact: bool | None = None,
+                   threads: int | None = None) -> CheckResult:
+    """Only the checks `compress` runs first (fit, disk, RAM), from the inventory."""
+    return preflight(engine, inv, device, out, ctx, parallel, budget_gb, impact, threads=threads)
+
+
+def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceProfile, out: Path, calib: Path, ctx: int = 8192,
                    parallel: int = 1, budget_gb: float | None = None, experts_used: int | None = None,
                    original_experts: int | None = None, impact: bool | None = None, threads: int | None = None,
                    force: bool = False, measure_progress=None, build_progress=None) -> CompressResult:
     """measure (unless already measured) -> plan -> build; the artifacts stay in OUT.ccmoe/."""
+    inv = model if isinstance(model, ModelInventory) else read_gguf(model)
     check_writable(out, force, what="compressed model")
+    preflight(engine, inv, device, out, ctx, parallel, budget_gb, impact, threads=threads)
+    model = weights_path(inv, "compress")
     work = work_folder(out)
     if not measurement_paths(work, model)["sensitivity"].is_file() or force:
         measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=measure_progress)

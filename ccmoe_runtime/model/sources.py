@@ -110,6 +110,9 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     spec = str(spec)
     if spec.startswith(HF_PREFIX):
         return resolve_hf(spec)
+    if spec.startswith(INVENTORY_PREFIX):
+        raise CcmoeError(f"{spec} is a weight-less inventory (shapes only) and this command needs the model's weights",
+                         "pass the GGUF file or hf:owner/repo; `plan` and `compress --check` take inventories")
     path = Path(spec).expanduser()
     if not path.exists():
         raise CcmoeError(f"model {spec} does not exist", "check the path, or use hf:owner/repo[:file] for the hub")
