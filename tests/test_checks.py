@@ -63,9 +63,9 @@ def test_check_only_reports_fit_disk_and_ram_of_a_real_model(deepseek2_model, tm
 
 
 @pytest.mark.parametrize("command", [["measure"], ["place"]])
-def test_weight_less_inventories_say_what_the_command_needs(command, tmp_path):
+def test_weight_less_inventories_say_what_the_command_needs(command, tmp_path, monkeypatch):
     # why: they used to say "inventory:... does not exist"
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     result = invoke(command[0], DSV3, *command[1:])
     assert result.exit_code in (2, 4), result.output
     assert "does not exist" not in result.output and "needs the model's weights" in result.output
