@@ -1,6 +1,6 @@
 """False-alarm and miss rates of the regression gate (ccmoe_runtime.bench.verdict.decide) with the real llama-bench.
 
-A verdict runs paired rounds on the bundled model (models/ccmoe-mini-moe-f16.gguf): a round is one llama-bench
+A verdict runs paired rounds on the bundled model (ccmoe_runtime/testmodels/bundled/ccmoe-mini-moe-f16.gguf): a round is one llama-bench
 process of A (the reference) and one of B (the candidate), seconds apart, their order swapped every round; each
 process is scored by its best repetition of the measure (tg: generation tokens/s, as `ccmoe-run bench` scores a
 round). `verdict.decide` stops at the first conclusive look, at --max-rounds or at --time-limit.
@@ -52,7 +52,7 @@ from ccmoe_runtime.bench import verdict as V  # noqa: E402
 from ccmoe_runtime.engine.build import find_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "ccmoe-mini-moe-f16.gguf"
+MODEL = ROOT / "ccmoe_runtime" / "testmodels" / "bundled" / "ccmoe-mini-moe-f16.gguf"
 
 
 def llama_bench(flags: list[str], n_prompt: int, n_gen: int, reps: int, timeout: float = 300) -> dict:
