@@ -9,7 +9,6 @@ Training runs on CUDA when torch sees a GPU, else on the CPU; this module needs 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -470,11 +469,3 @@ def unigram_loss(train_tokens: np.ndarray, heldout_tokens: np.ndarray, vocab_siz
     counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[heldout_tokens[1:]].mean())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

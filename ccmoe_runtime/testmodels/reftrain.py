@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.artifacts import file_sha256
 from ..core.errors import CcmoeError
 from ..core.files import check_writable, write_atomic
 from ..core.paths import cache_root
@@ -23,7 +24,6 @@ from .reference import (
     recipe,
     evaluate,
     export_gguf,
-    file_sha256,
     load_shards,
     parameter_count,
     pick_device,
