@@ -1,4 +1,4 @@
-"""Two questions about a noisy machine, asked of the bundled model with the real llama-bench (docs/bench.md):
+"""Two questions about a noisy machine, asked of the bundled model with the real llama-bench (docs/bench.md, "Why the rounds look like this"):
 
   estimators  would another per-round estimator than the best repetition spread less?  TRIALS times: 5 rounds of
               2 contenders (-t 2, llama-bench's default threads), 8 processes of 10 repetitions each taken in turn;

@@ -18,7 +18,7 @@ With A and B alike (no change), swapping the order makes d symmetric about 0 wha
   interval   the exact, distribution-free signed-rank interval (order statistics of the Walsh averages; the null
              distribution of T+ computed exactly, no normal approximation), its achieved level reported.
 
-Why that one (benchmarks/verdict_methods.py, results in benchmarks/results/verdict-methods-*.txt): four
+Why that one (`python benchmarks/verdict_methods.py` reproduces this table): four
 simulated machines - AR(1) drift, two speeds 1.35x apart switching now and then, two speeds 1.45x apart
 switching every few samples ("flicker", pairs often straddle a switch), AR(1) plus a 20 % trend - with 3-8 %
 one-sided per-sample noise and 5 % of samples hit by a 30 % hiccup; 2000 runs a cell, 90 % intervals, so the
