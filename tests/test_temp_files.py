@@ -149,3 +149,36 @@ def test_two_builds_racing_to_one_output_leave_one_good_file(engine, tmp_path, m
     assert sorted(p.name for p in out.parent.iterdir()) == ["b.gguf", "b.gguf.build.json"]
     inspected = CliRunner().invoke(main, ["inspect", str(out), "--json"])
     assert inspected.exit_code == 0, inspected.output
+
+
+def test_publishing_an_engine_ignores_links_at_its_old_staging_name(tmp_path):
+    from ccmoe_runtime.engine.build import _publish
+    built = tmp_path / "build" / "bin"
+    built.mkdir(parents=True)
+    (built / "libggml.so").write_bytes(b"\x7fELF")                 # what a build leaves: a library
+    published = tmp_path / "engines" / "key"
+    published.parent.mkdir()
+    (tmp_path / "victim").mkdir()
+    (published.parent / "key.part").symlink_to(tmp_path / "victim")  # the name staging had before
+    engine = _publish(built, published, "cpu", "key", "c0ffee", [], 1.0)
+    assert list((tmp_path / "victim").iterdir()) == []
+    assert not published.is_symlink() and (published / "bin" / "libggml.so").read_bytes() == b"\x7fELF"
+    assert engine.key == "key" and not list(published.parent.glob(".key.*.part"))
+
+
+def test_a_planted_build_lock_link_is_refused_and_its_target_kept(tmp_path):
+    from ccmoe_runtime.engine.build import _build_lock
+    (tmp_path / "victim").write_text("do not touch\n")
+    (tmp_path / "key.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(CcmoeError, match="build lock"):
+        _build_lock(tmp_path / "key.lock")
+    assert (tmp_path / "victim").read_text() == "do not touch\n"
+
+
+def test_history_is_not_appended_through_a_planted_link(tmp_path):
+    from ccmoe_runtime.bench.history import append_history
+    (tmp_path / "victim").write_text("do not touch\n")
+    (tmp_path / "h.jsonl").symlink_to(tmp_path / "victim")
+    with pytest.raises(CcmoeError, match="symbolic link"):
+        append_history(tmp_path / "h.jsonl", "bench", {"x": 1})
+    assert (tmp_path / "victim").read_text() == "do not touch\n"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import platform
 import shutil
 from pathlib import Path
+
+import psutil
 
 from ..core.errors import EXIT_RESOURCE, CcmoeError
 from ..core.files import disk_full_error, make_parent, read_text
@@ -18,8 +21,6 @@ HISTORY_ROOM = 1 << 20          # free bytes a record needs, checked before the 
 
 def host_id() -> dict:
     """Which machine a record was measured on."""
-    import psutil
-
     return {"hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cores": psutil.cpu_count(logical=False), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
 
@@ -40,7 +41,14 @@ def append_history(path: Path, kind: str, record: dict) -> dict:
 
 def _append_whole(path: Path, data: bytes) -> None:
     """Append `data` entirely or not at all (a failed write is cut back off: no half line)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise CcmoeError(f"history file {path} is a symbolic link",
+                         "pass the file it points to, or remove the link; ccmoe-run does not append through links") from None
     try:
         start = os.fstat(fd).st_size
         view = memoryview(data)

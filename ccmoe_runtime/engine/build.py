@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,8 +205,7 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
         raise CcmoeError("cmake is not installed", "install cmake (and a C++ compiler) to build the engine", EXIT_ENGINE)
     build_dir = cache_root() / "build" / key
     build_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(build_dir.with_suffix(".lock"), "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)  # another set-up building the same key: wait for it
+    lock = _build_lock(build_dir.with_suffix(".lock"))  # another set-up building the same key: wait for it
     try:
         if reusable(published):
             return load_engine_dir(published)
@@ -221,7 +221,18 @@ def build_engine(backend: str | None = None, jobs: int | None = None, extra_flag
                           time.monotonic() - started, cpu, reason)
         return engine
     finally:
-        lock.close()
+        os.close(lock)
+
+
+def _build_lock(path: Path) -> int:
+    """An fd holding an exclusive lock on `path`, waiting for another holder; a planted link is not followed."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise CcmoeError(f"cannot open the build lock {path} ({e.strerror})",
+                         "remove it if it is a symbolic link, or check the cache folder's permissions", EXIT_ENGINE) from None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def reusable(published: Path) -> bool:
@@ -234,9 +245,13 @@ def reusable(published: Path) -> bool:
 def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str, flags: list[str],
              seconds: float, cpu: str = "native", reason: str = "") -> Engine:
     """Copy the built tools and libraries into the engine cache and write its manifest."""
-    tmp = published.with_name(published.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "bin").mkdir(parents=True)
+    published.parent.mkdir(parents=True, exist_ok=True)
+    for stale in published.parent.glob(f".{published.name}.*.part"):   # a killed build's (the build lock is held)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{published.name}.", suffix=".part", dir=published.parent))  # no planted link
+    os.chmod(tmp, 0o755)
+    (tmp / "bin").mkdir()
     for item in bin_dir.iterdir():
         if item.is_file() and (item.name in TOOLS + OPTIONAL_TOOLS or ".so" in item.name or item.suffix == ".dylib"):
             shutil.copy2(item, tmp / "bin" / item.name, follow_symlinks=False)
@@ -245,6 +260,8 @@ def _publish(bin_dir: Path, published: Path, backend: str, key: str, commit: str
                 "cpu_features": cpu, "cpu_features_reason": reason,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (tmp / "engine.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    if published.is_symlink():
+        published.unlink()
     shutil.rmtree(published, ignore_errors=True)
     os.replace(tmp, published)
     return load_engine_dir(published)
