@@ -77,31 +77,46 @@ def build_corpus(package_root: Path, out_dir: Path, source: str) -> Corpus:
     entries = split_entries(texts)
     train = [e for e in entries if not _entry_is_heldout(e)]
     held = [e for e in entries if _entry_is_heldout(e)]
+    return write_corpus(out_dir, "\n\n".join(train) + "\n", "\n\n".join(held) + "\n", source)
+
+
+def write_corpus(out_dir: Path, train: str, heldout: str, source: str) -> Corpus:
+    """train.txt, heldout.txt and SOURCE (where they came from and their sha256) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train.txt").write_text("\n\n".join(train) + "\n")
-    (out_dir / "heldout.txt").write_text("\n\n".join(held) + "\n")
+    (out_dir / "train.txt").write_text(train)
+    (out_dir / "heldout.txt").write_text(heldout)
     digest = hashlib.sha256((out_dir / "train.txt").read_bytes() + (out_dir / "heldout.txt").read_bytes()).hexdigest()
     (out_dir / "SOURCE").write_text(f"{source}\nsha256 {digest}\n")
     return Corpus(out_dir / "train.txt", out_dir / "heldout.txt", source, digest)
 
 
-def ensure_corpus() -> Corpus:
-    """The English corpus, fetched once into the cache."""
-    out = corpus_dir()
-    if (out / "SOURCE").is_file() and (out / "train.txt").is_file():
-        source, digest_line = (out / "SOURCE").read_text().splitlines()[:2]
-        return Corpus(out / "train.txt", out / "heldout.txt", source, digest_line.split()[-1])
+def cached_corpus(out: Path) -> Corpus | None:
+    """The corpus already in `out`, if a fetch finished there."""
+    if not ((out / "SOURCE").is_file() and (out / "train.txt").is_file()):
+        return None
+    source, digest_line = (out / "SOURCE").read_text().splitlines()[:2]
+    return Corpus(out / "train.txt", out / "heldout.txt", source, digest_line.split()[-1])
+
+
+def fetch_corpus(out: Path, packages: tuple[str, ...], build) -> Corpus:
+    """Download and unpack Debian `packages`, `build(root, folder, debs)` the corpus, and move it into `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
-        deb = _download_deb(tmp)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
-        staged = tmp / "corpus"
-        corpus = build_corpus(tmp / "root", staged, f"Debian package {deb.name}")
+        debs = [_download_deb(tmp, p) for p in packages]
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
+        corpus = build(tmp / "root", tmp / "corpus", debs)
         if out.exists():
             shutil.rmtree(out)
-        staged.rename(out)
+        (tmp / "corpus").rename(out)
     return Corpus(out / "train.txt", out / "heldout.txt", corpus.source, corpus.sha256)
+
+
+def ensure_corpus() -> Corpus:
+    """The English corpus, fetched once into the cache."""
+    return cached_corpus(corpus_dir()) or fetch_corpus(
+        corpus_dir(), (CORPUS_PACKAGE,), lambda root, folder, debs: build_corpus(root, folder, f"Debian package {debs[0].name}"))
 
 
 def calibration_text(path: Path | None) -> Path:
@@ -127,29 +142,14 @@ def build_reference_corpus(root: Path, out_dir: Path, source: str) -> Corpus:
     gnu = root / "usr/share/doc/gnu-standards"
     held = [gzip.decompress((gnu / f"{name}.text.gz").read_bytes()).decode("utf-8", "replace")
             for name in ("maintain", "standards")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train.txt").write_text("\n\n".join(t for t in train if len(t) > 20) + "\n")
-    (out_dir / "heldout.txt").write_text("\n".join(held))
-    digest = hashlib.sha256((out_dir / "train.txt").read_bytes() + (out_dir / "heldout.txt").read_bytes()).hexdigest()
-    (out_dir / "SOURCE").write_text(f"{source}\nsha256 {digest}\n")
-    return Corpus(out_dir / "train.txt", out_dir / "heldout.txt", source, digest)
+    return write_corpus(out_dir, "\n\n".join(t for t in train if len(t) > 20) + "\n", "\n".join(held), source)
 
 
 def ensure_reference_corpus() -> Corpus:
     """The reference model's corpus, fetched once into the cache."""
-    out = reference_corpus_dir()
-    if (out / "SOURCE").is_file() and (out / "train.txt").is_file():
-        source, digest_line = (out / "SOURCE").read_text().splitlines()[:2]
-        return Corpus(out / "train.txt", out / "heldout.txt", source, digest_line.split()[-1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp = Path(tmp)
-        debs = [_download_deb(tmp, p) for p in (REFERENCE_TRAIN_PACKAGE, REFERENCE_HELDOUT_PACKAGE)]
-        for deb in debs:
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
+    def build(root: Path, folder: Path, debs: list[Path]) -> Corpus:
         source = f"Debian packages {debs[0].name} (train) and {debs[1].name} (held out)"
-        build_reference_corpus(tmp / "root", tmp / "corpus", source)
-        if out.exists():
-            shutil.rmtree(out)
-        (tmp / "corpus").rename(out)
-    return ensure_reference_corpus()
+        return build_reference_corpus(root, folder, source)
+
+    return cached_corpus(reference_corpus_dir()) or fetch_corpus(
+        reference_corpus_dir(), (REFERENCE_TRAIN_PACKAGE, REFERENCE_HELDOUT_PACKAGE), build)
