@@ -99,3 +99,31 @@ def test_shipped_gaussian_error_table_is_what_ggml_measures(engine, measured):
     assert fresh == pytest.approx(shipped["errors"], rel=1e-6)
     ladder = [fresh[k] for k in ("IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
     assert ladder == sorted(ladder, reverse=True)
+
+
+def test_a_split_gguf_is_measured_and_identified_over_every_shard(engine, tmp_path):
+    import os
+
+    from ccmoe_runtime.compress.pipeline import plan_model
+    from ccmoe_runtime.compress.quantize import build_key
+    from ccmoe_runtime.devices import get_profile
+    from ccmoe_runtime.model.inventory import model_digest, read_gguf
+    from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
+
+    spec = SynthSpec(arch="qwen3moe", n_layer=3, n_expert=8, n_expert_used=2, seed=2)
+    first = write_random_gguf(spec, tmp_path / "split.gguf", split_max_tensors=10)
+    shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(shards) > 2
+    result = S.measure_sensitivity(engine, first, None, None, types=("Q4_K", "Q8_0"), rows_per_expert=2,
+                                   use_cache=False)
+    inv = read_gguf(first)
+    quantizable = {t.name for t in inv.tensors if len(t.shape) >= 2 and t.tensor_class not in ("norm", "router")}
+    assert set(result["tensors"]) == quantizable and len(quantizable) > 10    # tensors of the later shards too
+    plan = plan_model(engine, inv, get_profile("strixhalo-128g"), 512, 1)
+    digest, key = model_digest(first), build_key(engine, first, plan, None)
+    data = bytearray(shards[-1].read_bytes())
+    data[-64:] = bytes(64)                      # the last shard's last tensor changes, its size does not
+    shards[-1].write_bytes(bytes(data))
+    st = shards[-1].stat()
+    os.utime(shards[-1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))   # even on a coarse clock
+    assert model_digest(first) != digest and build_key(engine, first, plan, None) != key

@@ -32,7 +32,7 @@ def test_profile_writes_frequencies_that_follow_the_skew(engine, calib, tmp_path
         freq = np.array(layer["frequency"])
         assert freq.sum() == pytest.approx(2.0, abs=1e-3)           # two experts per token
         assert freq[:4].sum() > 0.8 * freq.sum()                    # the skew made experts 0-3 popular
-    assert result["n_expert_used"] == 2 and doc["model_sha256"] and doc["calibration_sha256"]
+    assert result["n_expert_used"] == 2 and doc["model_digest"] and doc["calibration_sha256"]
     with pytest.raises(CcmoeError, match="already exists"):
         measure_expert_stats(engine, model, calib, tmp_path / "out", ctx=128, chunks=8)
 

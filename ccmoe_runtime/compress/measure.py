@@ -17,6 +17,7 @@ from ..core.errors import CcmoeError
 from ..core.files import read_text
 from ..engine.build import Engine
 from ..model.experts import load_expert_stats
+from ..model.inventory import read_gguf
 from .impact import IMPACT_VERSION, measure_impact, save_impact
 from .router import cached_router_stats, router_stats_path
 from .sensitivity import SENSITIVITY_VERSION, measure_sensitivity, save_sensitivity
@@ -78,7 +79,7 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
             if p.exists():
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
     stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force)
-    small = Path(model).stat().st_size <= IMPACT_MAX_BYTES       # loads in memory; probe builds are affordable
+    small = read_gguf(model).file_bytes <= IMPACT_MAX_BYTES     # every shard; loads in memory, probes affordable
     router = None
     if small:        # mean routing score per expert (bindings' cb_eval)
         router = router_stats_path(folder, model)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.artifacts import file_digest
+from ..model.inventory import model_digest
 from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..core.files import temp_beside
 from ..core.paths import cache_root
@@ -96,7 +97,7 @@ def cached_reference_logits(engine: Engine, reference: Path, text: Path, ctx: in
     """The reference model's logits over `text`, kept in the cache by (model, text, ctx, engine)."""
     import hashlib
 
-    key = hashlib.sha256("\n".join([file_digest(reference), file_digest(text), str(ctx), engine.key]).encode())
+    key = hashlib.sha256("\n".join([model_digest(reference), file_digest(text), str(ctx), engine.key]).encode())
     path = cache_root() / "eval" / f"{key.hexdigest()[:24]}.kld"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

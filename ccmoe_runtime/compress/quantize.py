@@ -14,7 +14,7 @@ from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..core.files import check_writable, make_parent, output_lock, temp_beside
 from ..engine.build import Engine
 from ..engine.tools import load_check, quantize
-from ..model.inventory import read_gguf
+from ..model.inventory import model_digest, read_gguf
 from .plan import Plan, plan_overrides, tensor_type_lines
 
 BUILD_VERSION = 1
@@ -46,7 +46,7 @@ class BuildResult:
 
 def build_key(engine: Engine, model: Path, plan: Plan, imatrix: Path | None) -> str:
     """What makes a build: the engine, the model, the plan's types and overrides, the imatrix."""
-    parts = [engine.key, file_digest(model), json.dumps(tensor_type_lines(plan)), json.dumps(plan_overrides(plan)),
+    parts = [engine.key, model_digest(model), json.dumps(tensor_type_lines(plan)), json.dumps(plan_overrides(plan)),
              file_digest(imatrix) if imatrix else ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

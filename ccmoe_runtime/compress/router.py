@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..core.artifacts import file_digest, file_sha256, load_artifact, save_artifact
+from ..core.artifacts import file_sha256, load_artifact, save_artifact
 from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..engine.build import Engine, load_bindings
 from ..engine.ggml import Ggml
-from ..model.inventory import read_gguf, require_moe, summarize
+from ..model.inventory import model_digest, read_gguf, require_moe, summarize
 
 ROUTER_STATS_VERSION = 1
 ROUTER_NODE = re.compile(r"^ffn_moe_(topk|weights|weights_softmax|weights_norm|weights_scaled)-(\d+)$")
@@ -243,7 +243,7 @@ def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks
     if sorted(capture.tallies) != summary.moe_layers:
         raise CcmoeError(f"the router callback saw layers {sorted(capture.tallies)}, the model's MoE layers are "
                          f"{summary.moe_layers}", "the engine's MoE graph changed; update ccmoe-runtime", EXIT_ENGINE)
-    return {"model": str(model), "model_digest": file_digest(Path(model)), "calibration": str(text),
+    return {"model": str(model), "model_digest": model_digest(Path(model)), "calibration": str(text),
             "calibration_sha256": file_sha256(Path(text)), "ctx": ctx, "chunks_requested": chunks, "chunks": n_chunk,
             "tokens": n_tokens, "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
             "score_node": f"ffn_moe_{capture.final_stage}",
@@ -266,7 +266,7 @@ def load_router_stats(path: Path) -> dict:
 
 def stats_match(doc: dict, model: Path, text: Path, ctx: int, chunks: int | None) -> bool:
     """Whether saved statistics were measured on this model file and text with these settings."""
-    return (doc.get("model_digest") == file_digest(Path(model)) and doc.get("ctx") == ctx
+    return (doc.get("model_digest") == model_digest(Path(model)) and doc.get("ctx") == ctx
             and doc.get("chunks_requested") == chunks and doc.get("calibration_sha256") == file_sha256(Path(text)))
 
 

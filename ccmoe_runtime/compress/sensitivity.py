@@ -21,7 +21,7 @@ from ..core.errors import CcmoeError
 from ..core.paths import cache_root
 from ..engine.build import Engine
 from ..engine.ggml import Ggml
-from ..model.inventory import classify_tensor, summarize
+from ..model.inventory import classify_tensor, shard_paths, summarize
 from .priors import class_priors, prior_impact
 from .priors import tensor_kind as kind_of
 
@@ -100,7 +100,7 @@ def measure_sensitivity(engine: Engine, model: Path, imatrix: Path | None = None
     import gguf
 
     ggml = Ggml(engine)
-    reader = gguf.GGUFReader(str(model))
+    readers = [gguf.GGUFReader(str(p)) for p in shard_paths(Path(model))]     # every shard of a split GGUF
     importance = read_imatrix(imatrix) if imatrix else {}
     if not importance:
         types = tuple(t for t in types if not ggml.requires_imatrix(gguf.GGMLQuantizationType[t].value))
@@ -108,7 +108,7 @@ def measure_sensitivity(engine: Engine, model: Path, imatrix: Path | None = None
     rng = np.random.default_rng(seed)
     cache = cache_root() / "sensitivity"
     tensors = {}
-    for t in reader.tensors:
+    for t in (t for r in readers for t in r.tensors):
         cls = classify_tensor(t.name)
         shape = [int(x) for x in t.shape]
         if len(shape) < 2 or cls in NEVER_QUANTIZED:

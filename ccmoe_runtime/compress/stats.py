@@ -13,7 +13,7 @@ from ..core.files import temp_beside
 from ..engine.build import Engine
 from ..engine.tools import run_imatrix
 from ..model.experts import EXPERT_STATS_KIND, EXPERT_STATS_VERSION
-from ..model.inventory import read_gguf, require_moe, summarize
+from ..model.inventory import model_digest, read_gguf, require_moe, summarize
 
 _COUNTS = re.compile(r"^blk\.(\d+)\.ffn_(?:up|gate|gate_up)_(?:ch|)exps\.weight\.counts$")
 
@@ -73,7 +73,7 @@ def measure_expert_stats(engine: Engine, model: Path, calibration: Path, out_dir
     counts = expert_counts(imatrix)
     freqs = expert_frequencies(counts, summary.n_expert_used)
     payload = {
-        "model": str(model), "model_sha256": file_sha256(Path(model)), "calibration": str(calibration),
+        "model": str(model), "model_digest": model_digest(Path(model)), "calibration": str(calibration),
         "calibration_sha256": file_sha256(Path(calibration)), "ctx": ctx, "chunks": chunks, "imatrix": str(imatrix),
         "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
         "layers": {str(layer): {"counts": counts[layer].tolist(), "frequency": [round(float(x), 6) for x in freqs[layer]],

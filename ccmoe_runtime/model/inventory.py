@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..core.artifacts import load_artifact, save_artifact
+from ..core.artifacts import file_digest, load_artifact, save_artifact
 from ..core.errors import CcmoeError
 from ..core.units import human_count, human_size
 
@@ -123,6 +123,11 @@ def shard_paths(path: Path) -> list[Path]:
         raise CcmoeError(f"split GGUF {path.name} is missing {len(missing)} of {n} shards ({', '.join(missing[:3])})",
                          "download every shard into the same folder")
     return paths
+
+
+def model_digest(path: Path) -> str:
+    """A cheap identity of a model over every shard of a split GGUF (each shard's path, size and mtime)."""
+    return "|".join(file_digest(p) for p in shard_paths(Path(path)))
 
 
 def _field_value(field):
