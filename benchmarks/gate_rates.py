@@ -8,12 +8,18 @@ round). `verdict.decide` stops at the first conclusive look, at --max-rounds or 
     python benchmarks/gate_rates.py probe              # which real changes slow generation, and by how much
     python benchmarks/gate_rates.py rates              # 10 verdicts with B = A (false alarms), 10 with B slower
     python benchmarks/gate_rates.py depth              # what llama-bench -d 0,512 costs and measures
+    python benchmarks/gate_rates.py baseline           # the baseline-file mode: bench --record, then --baseline
 
   probe   paired rounds of the reference (--base) against each candidate change: B/A with its interval.
   rates   --verdicts N verdicts with B's flags equal to A's (every "regression" is a false alarm) and N with
           B = A plus --slow (a real slow-down; every verdict other than "regression" is a miss), at
           --max-regression; each verdict's decision, interval, rounds and seconds, and the counts at the end.
   depth   one process with -d 0,512 against one without -d, a few times: each test's tokens/s and wall time.
+  baseline  records one baseline (ccmoe_runtime.bench.baseline.record_baseline: -t 1, prompt and decode at depth 0,
+          --record-rounds rounds), then --verdicts checks of the same configuration against it (false alarms: any
+          measure flagged) and --verdicts checks with B's model the bundled model converted to F32 by
+          llama-quantize (decode about 0.7x here; misses: the gate not flagged). Each check is
+          `check_baseline` as `ccmoe-run bench --baseline F [--model-b F32] --max-seconds 2 x --time-limit` runs it.
 
 --hog N runs N background processes while measuring, each switching between a busy loop and sleep at random
 (0.2-3 s phases, busy half the time): a restless machine made on purpose, when the shared one happens to be
@@ -21,7 +27,7 @@ quiet. They are stopped (by their process ids) when the command ends.
 
 Options: --base "-t 1" (A's flags), --slow "-d 80" (added to B's for the misses), -p 64 -n 32 -r 5 (a short
 llama-bench run), --measure tg|pp, --max-regression 0.10, --min-rounds 5, --max-rounds 30, --time-limit 45.
-Measured on the 2-core CI VM (benchmarks/results/gate-rates-*.txt), A = -t 1, B = -t 1 -d 80 (decode attending
+Measured on the 2-core CI VM (numbers and commands in docs/results.md, "Regression gate"), A = -t 1, B = -t 1 -d 80 (decode attending
 to 80 more cached tokens: tg 0.744x in a 12-round probe; -t 1 against -t 2 gave 0.81x with the machine idle but
 1.18x with the machine loaded, so threads are no fixed slow-down here): 0/10 false alarms and 0/10 misses with
 the machine quiet (29 s for all 20 verdicts), the same with --hog 2 (40 s). With -t 2 (llama-bench's default)
@@ -40,8 +46,10 @@ import multiprocessing
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +173,48 @@ def depth(args: argparse.Namespace) -> None:
             print(f"  {i + 1} {' '.join(flags):<16} {r['wall_s']:5.2f} s: best tok/s {cells}", flush=True)
 
 
+def baseline(args: argparse.Namespace) -> None:
+    from ccmoe_runtime.bench.baseline import check_baseline, load_baseline, record_baseline
+    from ccmoe_runtime.bench.gate import Side
+    from ccmoe_runtime.engine.tools import run_tool
+
+    engine = find_engine()
+    work = Path(tempfile.mkdtemp(prefix="gate-rates-"))
+    try:
+        slow_model = work / "bundled-f32.gguf"
+        run_tool(engine, "llama-quantize", ["--allow-requantize", str(MODEL), str(slow_model), "F32"], "bundled")
+        started = time.monotonic()
+        got = record_baseline(Side(engine, MODEL, 1), [0], args.record_rounds, work / "base.json")
+        print(f"recorded {args.record_rounds} rounds in {time.monotonic() - started:.0f} s: " +
+              ", ".join(f"{m} median {np.median(v):,.0f}" for m, v in got.measures.items()), flush=True)
+        recorded = load_baseline(work / "base.json")["measures"]
+        tally = {}
+        for label, model, wrong in (("same", MODEL, lambda d: d == "regression"),
+                                    ("slower (F32)", slow_model, lambda d: d != "regression")):
+            print(f"\n{label}: B = {model.name}, -t 1, the current engine", flush=True)
+            errors = old_errors = 0
+            for i in range(args.verdicts):
+                c = check_baseline(work / "base.json", Side(engine, model, 1), args.max_regression,
+                                   2 * args.time_limit)
+                errors += wrong(c.decision)
+                vs = c.gate["verdicts"]
+                old = min(np.median(v["samples"]["b"]) / np.median(recorded[m]) for m, v in vs.items())
+                old_errors += wrong("regression" if old < 1 - args.max_regression else "ok")
+                cells = "; ".join(f"{m} {v['decision']} {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] "
+                                  f"{v['rounds']} rounds" for m, v in vs.items())
+                moved = ", ".join(f"{m} {s['ratio']:.2f}" for m, s in c.since_recording.items())
+                print(f"  {i + 1:2d} {c.decision:<12} {cells}; {c.gate['seconds']:.0f} s; recorded config now/then "
+                      f"{moved}; old threshold's worst ratio {old:.3f}", flush=True)
+            tally[label] = errors
+            what = "false alarms" if label == "same" else "misses"
+            print(f"  {what}: {errors}/{args.verdicts}; the old median threshold against the recorded rounds: "
+                  f"{old_errors}/{args.verdicts}", flush=True)
+        print(f"\nfalse alarms {tally['same']}/{args.verdicts}, misses {tally['slower (F32)']}/{args.verdicts}; "
+              f"{time.monotonic() - started:.0f} s in all")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def hog(seed: int) -> None:
     """Busy half the time, in phases of 0.2-3 s: a neighbour on a shared VM."""
     rng = random.Random(seed)
@@ -180,7 +230,7 @@ def hog(seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("probe", "rates", "depth"))
+    p.add_argument("what", choices=("probe", "rates", "depth", "baseline"))
     p.add_argument("--base", default="-t 1", help="A's llama-bench flags")
     p.add_argument("--slow", default="-d 80", help="added to B's flags for the misses: a real slow-down")
     p.add_argument("--candidates", nargs="*", help="probe: changes to try")
@@ -195,6 +245,7 @@ def main() -> None:
     p.add_argument("--min-rounds", type=int, default=5)
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=45.0)
+    p.add_argument("--record-rounds", type=int, default=10, help="baseline: rounds recorded per measure")
     p.add_argument("--hog", type=int, default=0, help="background processes that make the machine restless")
     args = p.parse_args()
     started = time.monotonic()
@@ -204,7 +255,7 @@ def main() -> None:
     if hogs:
         print(f"{len(hogs)} hog process(es): {', '.join(str(h.pid) for h in hogs)}")
     try:
-        {"probe": probe, "rates": rates, "depth": depth}[args.what](args)
+        {"probe": probe, "rates": rates, "depth": depth, "baseline": baseline}[args.what](args)
     finally:
         for h in hogs:
             h.terminate()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
+import psutil
 import pytest
+from click.testing import CliRunner
 from conftest import run_cli
 
 from ccmoe_runtime.bench.bench import (
@@ -14,7 +17,12 @@ from ccmoe_runtime.bench.bench import (
     reps_for,
     round_drift,
 )
+from ccmoe_runtime.bench.gate import Side, history_record, one_run, run_gate
+from ccmoe_runtime.bench.verdict import paired_verdict
+from ccmoe_runtime.cli import main
+from ccmoe_runtime.core.errors import CcmoeError
 from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.engine.tools import run_tool
 from ccmoe_runtime.model.sources import bundled_model_path
 
 
@@ -43,7 +51,8 @@ def test_bench_measures_every_contender_in_alternating_rounds(measured):
     mine = r["contenders"]["ccmoe"]
     assert mine["predicted"]["tg"] > 0 and 0 < mine["bandwidth_share"] < 5
     assert r["model_hash"].startswith("quick-sha256:") and "version" in r["engine_version"].lower()
-    assert r["version"] == 6         # 4: processes_per_round; 5: processes interleaved; 6: 8 repetitions a round
+    assert r["version"] == 7         # 5: processes interleaved; 6: 8 repetitions a round; 7: no median threshold
+    assert "regressions" not in r
     for key in ("pp", "tg"):                  # the rounds' move common to both contenders, one value per round
         assert len(r["round_drift"][key]["samples"]) == 3 and r["round_drift"][key]["median"] > 0
     # the bundled model starts in a fraction of a second, so at least one contender split its rounds over processes
@@ -102,38 +111,161 @@ def test_bench_appends_to_the_history_with_engine_host_and_model_hash(measured):
     assert lines[0]["model_hash"] == measured["result"]["model_hash"] and lines[0]["host"]["cores"] >= 1
 
 
-@pytest.mark.slow
-def test_regression_check_fails_against_a_baseline_twice_as_fast(measured, tmp_path):
-    fast = json.loads(json.dumps(measured["result"]))
-    for c in fast["contenders"].values():
-        c["tg"]["median"] *= 2
-    fast["host_speed"]["median"] *= 3          # recorded on a machine three times as fast: the report says so
-    (tmp_path / "fast.json").write_text(json.dumps(fast))
-    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--min-round-s", "0.3", "--no-history", "--baseline", str(tmp_path / "fast.json"),
-                     "--max-regression", "20")
-    assert result.returncode == 6
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ccmoe-run: error: tokens/s regressed") and "tg" in last and "limit -20 %" in last
-    assert "this machine's own speed (a fixed CPU loop) changed -" in last
-    # the history file itself is a valid baseline; a generous limit passes
-    ok = run_cli("bench", "--device", "cpu", "--runs", "3", "--min-round-s", "0.3", "--no-history", "--baseline", str(measured["history"]),
-                 "--max-regression", "95")
-    assert ok.returncode == 0, ok.stderr
-
-
-def test_a_file_without_bench_results_is_not_a_baseline(tmp_path):
-    (tmp_path / "x.json").write_text('{"a": 1}')
-    result = run_cli("bench", "--device", "cpu", "--runs", "1", "--no-history", "--baseline", str(tmp_path / "x.json"))
-    assert result.returncode == 2 and "holds no bench result" in result.stderr
-
-
 @pytest.mark.tokens_per_second
 @pytest.mark.skipif(not os.environ.get("CCMOE_TPS_BASELINE"),
-                    reason="lab laptops only: set CCMOE_TPS_BASELINE to a bench result recorded on this machine")
+                    reason="lab machines only: set CCMOE_TPS_BASELINE to a `bench --record` file made on this machine")
 def test_tokens_per_second_have_not_regressed_on_this_lab_machine():
-    args = ["bench", "--runs", "5", "--baseline", os.environ["CCMOE_TPS_BASELINE"],
-            "--max-regression", os.environ.get("CCMOE_TPS_MAX_REGRESSION", "10")]
+    # the gate's paired verdict against the recorded configuration re-run now: exit 6 only when the whole interval
+    # lies below 1 - P; an inconclusive verdict on a restless machine passes (and says so on stderr)
+    args = ["bench", "--baseline", os.environ["CCMOE_TPS_BASELINE"],
+            "--max-regression", os.environ.get("CCMOE_TPS_MAX_REGRESSION", "10"),
+            "--max-seconds", os.environ.get("CCMOE_TPS_MAX_SECONDS", "300")]
     if os.environ.get("CCMOE_TPS_MODEL"):
-        args += ["--model", os.environ["CCMOE_TPS_MODEL"]]
+        args += ["--model-b", os.environ["CCMOE_TPS_MODEL"]]
     result = run_cli(*args, timeout=3600)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- the tokens/s gate (issue 19), real llama-bench
+
+@pytest.fixture(scope="module")
+def f32_model(tmp_path_factory):
+    """The bundled model converted to F32 by the real llama-quantize: it decodes at about 0.7x of the F16 file on
+    the CI machine (paired probe: 0.69 [0.65, 0.74]) and is a slower model, not a simulated one."""
+    out = tmp_path_factory.mktemp("gate-f32") / "bundled-f32.gguf"
+    run_tool(find_engine(), "llama-quantize", ["--allow-requantize", str(bundled_model_path()), str(out), "F32"],
+             "the bundled model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A baseline recorded by the real CLI: the bundled model, -t 1, prompt and decode at depth 0."""
+    out = tmp_path_factory.mktemp("gate-baseline") / "base.json"
+    result = CliRunner().invoke(main, ["bench", "-t", "1", "--record", str(out), "--runs", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.slow
+def test_ab_gate_flags_a_real_slowdown_and_not_a_against_a():
+    e, m = find_engine(), bundled_model_path()
+    same = run_gate(Side(e, m, 1), Side(e, m, 1), [0], 0.10, 40)
+    assert set(same.verdicts) == {"pp", "tg@d0"}
+    assert all(v["decision"] != "regression" for v in same.verdicts.values()), same.summary_lines()
+    # -ub 8: the 64-token prompt in 8 batches instead of one, about 0.46x of the prompt speed here
+    slow = run_gate(Side(e, m, 1), Side(e, m, 1, ["-ub", "8"]), [0], 0.10, 40)
+    pp = slow.verdicts["pp"]
+    assert pp["decision"] == "regression" and pp["high"] < 0.9 and slow.decision == "regression", slow.summary_lines()
+    lines = slow.summary_lines()
+    assert lines[0].startswith("pp: regression: B/A ") and "paired rounds" in lines[0] and "[" in lines[0]
+    assert len(lines) == 3 and lines[-1].startswith("gate: regression")       # each verdict printed once
+
+
+@pytest.mark.slow
+def test_baseline_gate_flags_a_slower_model_and_passes_the_recorded_one(recorded, f32_model, tmp_path):
+    doc = json.loads(recorded.read_text())
+    assert doc["schema"] == "ccmoe-runtime/bench-baseline" and set(doc["measures"]) == {"pp", "tg@d0"}
+    assert all(len(v) == 5 and min(v) > 100 for v in doc["measures"].values())
+    assert doc["engine"]["commit"] and doc["engine"]["backend"] == "cpu" and doc["engine"]["flags"]
+    assert doc["model"]["digest"].startswith("sha256:") and doc["host"]["cores"] >= 1
+    frozen = doc["engine"]["frozen_dir"]
+    assert frozen != doc["engine"]["source_dir"] and os.path.isfile(os.path.join(frozen, "llama-bench"))
+    history = tmp_path / "history.jsonl"
+    same = run_cli("bench", "--baseline", str(recorded), "--max-seconds", "60", "--history", str(history))
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "the recorded configuration now / at recording" in same.stdout and "gate: " in same.stdout
+    slow = run_cli("bench", "--baseline", str(recorded), "--model-b", str(f32_model), "--max-seconds", "60",
+                   "--no-history")
+    assert slow.returncode == 6, slow.stdout + slow.stderr
+    last = slow.stderr.strip().splitlines()[-1]
+    assert last.startswith("ccmoe-run: error: tokens/s regressed against the baseline") and "tg@d0 0." in last
+    record = json.loads(history.read_text().splitlines()[-1])        # engine, host, model digest and the interval
+    assert record["kind"] == "gate" and record["host"]["cores"] >= 1
+    assert record["a"]["engine_dir"] == frozen and record["a"]["model_digest"] == doc["model"]["digest"]
+    assert record["b"]["engine_commit"] == doc["engine"]["commit"]
+    tg = record["measures"]["tg@d0"]
+    assert tg["low"] <= tg["ratio"] <= tg["high"] and tg["rounds"] >= 6 and tg["decision"] != "regression"
+
+
+@pytest.mark.slow
+def test_serve_measure_reads_llama_servers_own_timings_and_leaves_no_server(tmp_path):
+    e, m = find_engine(), bundled_model_path()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    got = run_gate(Side(e, m, 1), Side(e, m, 1), [0], 0.10, 40, serve=True)
+    for key in ("serve:tg", "serve:pp"):
+        v = got.verdicts[key]
+        assert v["rounds"] >= 6 and min(v["samples"]["a"] + v["samples"]["b"]) > 50, v
+        assert v["decision"] != "regression"
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_a_baseline_whose_engine_or_model_changed_is_refused_in_one_line(recorded, tmp_path, monkeypatch):
+    doc = json.loads(recorded.read_text())
+    monkeypatch.chdir(tmp_path)
+    cases = [({**doc, "engine": {**doc["engine"], "frozen_dir": str(tmp_path / "gone")}}, "is gone"),
+             ({**doc, "model": {**doc["model"], "digest": "sha256:" + "0" * 64}}, "changed since recording"),
+             ({**doc, "model": {**doc["model"], "path": str(tmp_path / "gone.gguf")}}, "is gone"),
+             ({**doc, "version": 99}, "version 99"),
+             ({k: v for k, v in doc.items() if k != "measures"}, "damaged")]
+    for i, (bad, needle) in enumerate(cases):
+        (tmp_path / f"b{i}.json").write_text(json.dumps(bad))
+        result = CliRunner().invoke(main, ["bench", "--baseline", f"b{i}.json", "--no-history"])
+        assert result.exit_code == 2 and needle in _error_line(result.output), (needle, result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"b{i}.json" for i in range(len(cases))]
+
+
+def _error_line(output: str) -> str:
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in output and len(lines) == 1 and lines[0].startswith("ccmoe-run: error: "), output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--record", "new.json", "--baseline", "other.json"], "does not take"),
+    (["--record", "new.json", "--threads-b", "2"], "does not take"),
+    (["--baseline", "other.json", "--model", "bundled"], "--model does not apply"),
+    (["--baseline", "other.json", "-t", "2"], "--threads does not apply"),
+    (["--baseline", "other.json"], "no bench result recorded by `bench --record`"),
+    (["--baseline", "list.jsonl"], "no bench result"),
+    (["--baseline", "missing.json"], "does not exist"),
+    (["--record", "other.json"], "--force"),
+    (["--record", "other.json/new.json"], "is not a folder"),
+    (["--record", "."], "is a directory"),
+    (["--record", "new.json", "--runs", "1"], "too few rounds"),
+    (["--depth", "512"], "gate options"),
+    (["--serve"], "gate options"),
+    (["--threads-b", "1", "--max-regression", "0"], "max-regression"),
+    (["--threads-b", "1", "--max-seconds", "nan"], "max-seconds"),
+    (["--threads-b", "1", "--depth", "-1"], "depth"),
+    (["--model-b", "random.gguf"], "random.gguf"),
+])
+def test_gate_options_refuse_bad_input_in_one_line_before_measuring(args, needle, tmp_path, monkeypatch):
+    (tmp_path / "other.json").write_text('{"schema": "ccmoe-runtime/placement", "version": 1}\n')
+    (tmp_path / "list.jsonl").write_text('[1, 2]\n{"kind": "bench"}\n')
+    (tmp_path / "random.gguf").write_bytes(random.Random(0).randbytes(4096))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["bench", "--no-history", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in _error_line(result.output)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before           # nothing written
+
+
+def test_a_failed_llama_bench_run_is_one_error_line_with_the_engine_exit_code():
+    side = Side(find_engine(), bundled_model_path(), 1, ["--no-such-flag"])
+    with pytest.raises(CcmoeError) as got:
+        one_run(side, "tg@d0")
+    assert got.value.exit_code == 3 and "\n" not in got.value.one_line()
+    assert got.value.one_line().startswith("llama-bench failed on ") and "(exit 1" in got.value.one_line()
+
+
+def test_a_history_line_keeps_an_unbounded_interval_as_null():
+    # one round bounds nothing: high is inf, which JSON cannot hold
+    from ccmoe_runtime.bench.gate import GateResult
+    v = paired_verdict([100.0], [90.0])
+    got = GateResult(2, {"engine": "x"}, {"engine": "y"}, 0.1, {"tg@d0": {**v.to_dict(), "line": ""}}, "inconclusive")
+    line = json.dumps(history_record(got), allow_nan=False)
+    assert json.loads(line)["measures"]["tg@d0"]["high"] is None

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.errors import EXIT_USAGE, CcmoeError
-from ..core.files import read_text
 from ..core.units import human_size
 from ..devices.detect import environment_threads
 from ..devices.profiles import DeviceProfile
@@ -23,10 +21,11 @@ from ..placement.layout import Settings
 from ..placement.search import place
 from .history import append_history, check_history
 
-BENCH_VERSION = 6        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round;
+BENCH_VERSION = 7        # 3: bandwidth_share per pool, from the measured bandwidths; 4: processes_per_round;
 #                          5: the contenders' processes interleaved within a round, up to 8, of 1 repetition or more;
 #                          6: at least 8 repetitions per round (3 before) unless a round would last over a minute;
-#                             round_drift (the rounds' move common to all contenders)
+#                             round_drift (the rounds' move common to all contenders); 7: no `regressions` (the
+#                             median threshold is gone: --baseline is the gate's paired verdict)
 MIN_ROUND_S = 5.0         # measured work per contender per round: short runs are at the mercy of the machine
 MIN_REPS, MAX_REPS = 8, 100     # a round's sample is its best repetition: best of 8 at least
 MAX_ROUND_S = 60.0
@@ -54,7 +53,7 @@ class Contender:
 
 @dataclass
 class BenchResult:
-    """A bench run: every contender's tokens/s, the machine's own speed and drift, and regressions found."""
+    """A bench run: every contender's tokens/s, the machine's own speed and drift."""
 
     version: int
     model: str
@@ -71,7 +70,6 @@ class BenchResult:
     n_prompt: int
     n_gen: int
     contenders: dict[str, Contender]
-    regressions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "contenders"},
@@ -108,21 +106,17 @@ class BenchResult:
 
 def bench_model(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5, threads: int | None = None,
                 progress=None, min_round_s: float = MIN_ROUND_S, load_mode: str | None = None,
-                cpu_repack: bool | None = None, history: Path | None = None, baseline: Path | None = None,
-                max_regression: float = 10.0) -> BenchResult:
-    """`ccmoe-run bench`: the baseline and history are checked first, then the rounds run; the result is appended
-    to `history` and compared with `baseline` (its `regressions`)."""
+                cpu_repack: bool | None = None, history: Path | None = None) -> BenchResult:
+    """`ccmoe-run bench`: the history is checked first, then the rounds run; the result is appended to `history`.
+    Regressions are the gate's business (bench/gate.py, bench/baseline.py: one verdict, with its interval)."""
     if runs < 1:
         raise CcmoeError(f"--runs {runs} is not a positive count", "pass --runs 3 or more", EXIT_USAGE)
-    base = load_baseline(baseline) if baseline else None
     if history:
         check_history(history)
     require_moe(summarize(read_gguf(model)), str(model))
     result = run_bench(engine, model, device, runs, threads, progress, min_round_s, load_mode, cpu_repack)
     if history:
         append_history(history, "bench", result.to_dict())
-    if base:
-        result.regressions = regressions(result, base, max_regression)
     return result
 
 
@@ -341,49 +335,3 @@ def run_bench(engine: Engine, model: Path, device: DeviceProfile, runs: int = 5,
                        min_round_s=min_round_s, notes=found["ccmoe"].get("notes", []),
                        host_speed=spread(machine) if machine else None, round_drift=drift, n_prompt=N_PROMPT,
                        n_gen=N_GEN, contenders=result)
-
-
-def regressions(current: BenchResult, baseline: dict, max_regression_pct: float) -> list[str]:
-    """One line per contender and measure whose median fell more than the allowed percentage."""
-    lines = []
-    for name, b in baseline.get("contenders", {}).items():
-        c = current.contenders.get(name)
-        if not c or c.error or "error" in b:
-            continue
-        for key in ("pp", "tg"):
-            was, now = b[key]["median"], getattr(c, key)["median"]
-            change = (now - was) / was * 100 if was else 0.0
-            if change < -max_regression_pct:
-                lines.append(f"{name} {key}: {now:.1f} tok/s vs baseline {was:.1f} ({change:+.1f} %, limit "
-                             f"-{max_regression_pct:g} %)")
-    machine = machine_change(current, baseline)
-    if lines and machine is not None and abs(machine) >= 5:
-        lines.append(f"this machine's own speed (a fixed CPU loop) changed {machine:+.0f} % since the baseline")
-    return lines
-
-
-def machine_change(current: BenchResult, baseline: dict) -> float | None:
-    """Percent change of the machine's own speed (host_speed medians) from the baseline to now, when both have it."""
-    was, now = (baseline.get("host_speed") or {}).get("median"), (current.host_speed or {}).get("median")
-    return (now - was) / was * 100 if was and now else None
-
-
-def load_baseline(path: Path) -> dict:
-    """A bench result: a JSON file written by `bench --json`, or the last bench line of a history file."""
-    text = read_text(Path(path), "baseline")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        lines = [x for x in (_json_line(t) for t in text.splitlines()) if isinstance(x, dict)]
-        doc = next((x for x in reversed(lines) if x.get("kind") == "bench"), None)
-    if not isinstance(doc, dict) or "contenders" not in doc:
-        raise CcmoeError(f"{path} holds no bench result", "pass a file written by `ccmoe-run bench --json`")
-    return doc
-
-
-def _json_line(text: str):
-    """One JSON line, or None for a line that is not JSON."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None

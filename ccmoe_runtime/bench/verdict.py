@@ -62,11 +62,12 @@ With confidence 0.95 the hardest machine's power fell to 86 %, so the default is
 
 Unpaired (`unpaired_verdict`)
 -----------------------------
-Against a recorded baseline from an earlier run there are no pairs: the Hodges-Lehmann shift of the two log
-samples with the exact Mann-Whitney interval. It covers the scatter within each run, but not a move of the
-machine between the runs; simulated with baseline and current as separate runs of the same machine models, the
-false-alarm rate at the limit was 7.7-26.7 % against the nominal 5 % (0-6.3 % with no change). The verdict says
-so (`paired=False`, and in its reason); prefer paired rounds for a gate.
+Samples of two separate runs have no pairs: the Hodges-Lehmann shift of the two log samples with the exact
+Mann-Whitney interval. It covers the scatter within each run, but not a move of the machine between the runs;
+simulated with baseline and current as separate runs of the same machine models, the false-alarm rate at the
+limit was 7.7-26.7 % against the nominal 5 % (0-6.3 % with no change). The verdict says so (`paired=False`, and
+in its reason). So no gate decides on it: a baseline file's configuration is re-run now and paired
+(bench/baseline.py), and the unpaired interval only reports how far that configuration moved since recording.
 
 Direction: tokens/s, higher is faster; B/A < 1 - max_regression is a regression. For times, pass 1/time.
 """
