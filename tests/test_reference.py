@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,9 @@ from ccmoe_runtime.testmodels.reference import (  # noqa: E402
     build_model,
     export_gguf,
     load_shards,
+    load_state,
+    pack_int,
+    unpack_int,
     routing_summary,
     save_shards,
     state_arrays,
@@ -94,3 +99,40 @@ def test_train_reference_exports_weights_trained_elsewhere(engine, tmp_path, mon
     s = summarize(read_gguf(info["output"]))
     assert (s.arch, s.n_expert, s.n_expert_used, s.n_expert_shared, s.n_dense_lead, s.n_layers) == ("deepseek2", 8, 2, 1, 1, 3)
     assert info["unigram_ppl"] > 1 and (tmp_path / "ref.reference.json").is_file()
+
+
+def test_int_packing_round_trips_within_half_a_step():
+    a = np.random.default_rng(0).standard_normal((3, 8, 512)).astype(np.float32)
+    q, scale = pack_int(a, 63)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 63 and scale.shape == (3, 8, 2)
+    step = np.repeat(scale.astype(np.float32), 256, axis=-1)
+    assert np.all(np.abs(unpack_int(q, scale) - a) <= 0.5 * step + 1e-6)
+    short = np.zeros((4, 32), np.float32)           # a row shorter than 256 and all zero: one zero scale per row
+    assert np.array_equal(unpack_int(*pack_int(short, 63)), short)
+
+
+@pytest.mark.slow
+def test_job_shards_are_the_reference_llama_cpp_runs(bindings, tmp_path):
+    """The GPU job's compact shards (7-bit per 256 + F16 scales) -> GGUF: llama.cpp's logits match the torch model
+    holding the same rounded weights, for the k-quant-shaped recipe (rows of 256)."""
+    from ccmoe_runtime.testmodels.reference_job import run_job
+
+    cfg = RefConfig(**{**TINY, "n_embd": 256, "n_ff_exp": 256, "n_ff": 256, "q_lora_rank": 256, "n_dense_lead": 1})
+    tokens = np.random.default_rng(2).integers(3, 512, size=6000)
+    np.savez(tmp_path / "t.npz", train=tokens.astype(np.uint16), heldout=tokens[:700].astype(np.uint16))
+    cfg = replace(cfg, steps=3, batch=2, seq=64, warmup=1, seed=7)
+    info = run_job(str(tmp_path / "t.npz"), str(tmp_path / "w"), cfg, check_steps=2)
+    assert info["determinism"]["same"] and info["steps_run"] == 3
+    state, cfg2, meta = load_shards(tmp_path / "w")
+    assert meta["format"]["levels"] == 63 and cfg2.n_ff_exp == 256
+    model = build_model(cfg2)
+    load_state(model, state)
+    model.eval()
+    path = export_gguf(state, byte_vocab(512), cfg2, tmp_path / "ref.gguf", {})
+    llm = bindings.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 512, size=40)]
+    llm.eval(ids)
+    ours = model(torch.tensor([ids]))[0][0].detach().numpy()
+    theirs = np.array(llm.scores[: len(ids)])
+    assert np.abs(ours - theirs).max() < 0.02 * np.abs(ours).max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.95

@@ -32,31 +32,32 @@ class RefConfig:
     vocab_size: int = 4096
     n_embd: int = 256
     n_layer: int = 12
-    n_dense_lead: int = 1
+    n_dense_lead: int = 3        # DeepSeek-V3 has 3 dense leading layers
     n_head: int = 8
-    q_lora_rank: int = 128
-    kv_lora_rank: int = 64
+    q_lora_rank: int = 256
+    kv_lora_rank: int = 128
     qk_nope_dim: int = 32
-    qk_rope_dim: int = 16
+    qk_rope_dim: int = 32
     v_head_dim: int = 32
-    n_ff: int = 512              # dense FFN of the leading layer
+    n_ff: int = 1024             # dense FFN of the leading layers
     n_expert: int = 32
     n_expert_used: int = 4
     n_expert_shared: int = 1
-    n_ff_exp: int = 64
+    n_ff_exp: int = 256          # every expert, dense FFN and most attention row a multiple of 256: k-quants apply
     routed_scale: float = 2.5
     ctx: int = 256
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
-    steps: int = 4000
+    steps: int = 3000
     batch: int = 32
     seq: int = 256               # the whole context: llama.cpp scores positions up to ctx
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     warmup: int = 100
     bias_rate: float = 1e-3      # DeepSeek-V3's expert-bias update speed (sign of the load error)
     seq_aux: float = 1e-4        # DeepSeek-V3's small sequence-wise balance loss
     seed: int = 1234
     threads: int = 2
+    keep_best: bool = True       # keep the weights of the logged step with the lowest held-out loss
 
     @classmethod
     def from_dict(cls, d: dict) -> RefConfig:
@@ -64,9 +65,11 @@ class RefConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# What fits a 2-core CPU in ~20 minutes: the same architecture (12 layers, MLA, 32 experts top-4) at width 128.
-CPU_RECIPE = dict(n_embd=128, n_head=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32,
-                  n_ff=384, n_ff_exp=32, steps=1500, batch=8, lr=3e-3, warmup=50)
+# What fits a 2-core CPU in ~20 minutes: the same architecture (12 layers, MLA, 32 experts top-4) at width 128,
+# one dense leading layer. Its rows (128, 32) are too short for k-quants; the GPU recipe (the defaults) has 256.
+CPU_RECIPE = dict(n_embd=128, n_dense_lead=1, n_head=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_dim=32,
+                  qk_rope_dim=16, v_head_dim=32, n_ff=384, n_ff_exp=32, steps=1500, batch=8, lr=3e-3, warmup=50,
+                  keep_best=False)
 
 
 def recipe(device: str) -> RefConfig:
@@ -178,8 +181,7 @@ def build_model(cfg: RefConfig):
             down = self.down.permute(1, 0, 2).reshape(d, e * f).to(h.dtype)
             out = act @ down.T + swiglu(h, self.sh_gate, self.sh_up, self.sh_down)
             # sequence-wise balance loss (DeepSeek-V3 eq. 17-19), over the whole batch
-            frac = torch.zeros(e, device=h.device).scatter_add_(0, topi.flatten(), torch.ones(topi.numel(), device=h.device))
-            frac = frac * e / topi.numel()
+            frac = torch.bincount(topi.flatten(), minlength=e).float() * e / topi.numel()   # deterministic on CUDA
             aux = (frac * (probs / probs.sum(-1, keepdim=True)).mean(0)).sum()
             return out, aux, topi
 
@@ -287,7 +289,7 @@ def train_model(cfg: RefConfig, train_tokens: np.ndarray, heldout_tokens: np.nda
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg.seed)
-    log, started = [], time.monotonic()
+    log, started, best = [], time.monotonic(), None
     every = max(1, min(250, cfg.steps // 4))
     for step in range(1, cfg.steps + 1):
         lr = cfg.lr * min(1.0, step / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
@@ -312,8 +314,13 @@ def train_model(cfg: RefConfig, train_tokens: np.ndarray, heldout_tokens: np.nda
                         "seconds": round(time.monotonic() - started, 1)})
             if progress:
                 progress(log[-1])
+            if cfg.keep_best and (best is None or held < best[0]):
+                best = (held, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if timed_out:
             break
+    if best is not None and best[1] != log[-1]["step"]:
+        model.load_state_dict(best[2])
+        log.append({"kept_step": best[1], "heldout_loss": round(best[0], 4)})
     model.eval()
     return model, log
 
@@ -351,13 +358,55 @@ def state_arrays(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def save_shards(model, cfg: RefConfig, out_dir: Path, info: dict, shard_bytes: int = 15 << 20) -> list[Path]:
-    """The weights as F16 (norms, router, bias F32) .npz shards of at most `shard_bytes`, plus config.json."""
+def pack_int(a: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round a weight to integers in [-levels, levels] per block of 256 along its rows (or per row when shorter
+    or not a multiple of 256) with one F16 scale each; returns (int8 values, f16 scales)."""
+    n = a.shape[-1]
+    block = 256 if n % 256 == 0 else n
+    x = a.reshape(-1, block).astype(np.float32)
+    scale = (np.abs(x).max(axis=1, keepdims=True) / levels).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    q = np.where(s32 > 0, np.round(x / np.where(s32 > 0, s32, 1)), 0).clip(-levels, levels).astype(np.int8)
+    return q.reshape(a.shape), scale.reshape(*a.shape[:-1], n // block)
+
+
+def unpack_int(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 weight `pack_int` stored."""
+    n, nb = q.shape[-1], scale.shape[-1]
+    x = q.reshape(-1, n // nb).astype(np.float32) * scale.reshape(-1, 1).astype(np.float32)
+    return x.reshape(q.shape)
+
+
+def compact_state(state: dict[str, np.ndarray], levels: int) -> dict[str, np.ndarray]:
+    """Weights as `pack_int` pairs (name + '.q', name + '.scale'); norms, router and expert bias stay float32."""
+    out = {}
+    for k, v in state.items():
+        if _keeps_f32(k) or v.ndim < 2 or k.endswith("router.weight"):
+            out[k] = v.astype(np.float32)
+        else:
+            out[k + ".q"], out[k + ".scale"] = pack_int(v, levels)
+    return out
+
+
+def expand_state(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float32 state dict `compact_state` stored; plain arrays pass through (the older F16 shards)."""
+    out = {}
+    for k, v in packed.items():
+        if k.endswith(".q"):
+            out[k[:-2]] = unpack_int(v, packed[k[:-2] + ".scale"])
+        elif not k.endswith(".scale"):
+            out[k] = v.astype(np.float32)
+    return out
+
+
+def save_shards(model, cfg: RefConfig, out_dir: Path, info: dict, shard_bytes: int = 14 << 20,
+                levels: int = 63) -> list[Path]:
+    """The weights as 7-bit integers (`levels` 63) per 256 with F16 scales in zlib-compressed .npz shards of at
+    most `shard_bytes` each, plus config.json. These rounded weights are the reference (load_shards reads them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards, cur, size = [], {}, 0
-    for k, v in state_arrays(model).items():
-        a = v if _keeps_f32(k) or v.ndim < 2 else v.astype(np.float16)
+    for k, a in compact_state(state_arrays(model), levels).items():
         if cur and size + a.nbytes > shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
@@ -366,8 +415,9 @@ def save_shards(model, cfg: RefConfig, out_dir: Path, info: dict, shard_bytes: i
     paths = []
     for i, s in enumerate(shards):
         paths.append(out_dir / f"weights-{i:02d}.npz")
-        np.savez(paths[-1], **s)
-    (out_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), **info}, indent=1) + "\n")
+        np.savez_compressed(paths[-1], **s)
+    fmt = {"weights": f"int{levels.bit_length() + 1} per 256 (or per row) with f16 scales, zlib", "levels": levels}
+    (out_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "format": fmt, **info}, indent=1) + "\n")
     return paths
 
 
@@ -378,11 +428,17 @@ def load_shards(in_dir: Path) -> tuple[dict[str, np.ndarray], RefConfig, dict]:
         raise CcmoeError(f"{in_dir} holds no config.json of trained reference weights",
                          "pass the folder written by `python -m ccmoe_runtime.testmodels.reference_job`")
     meta = json.loads((in_dir / "config.json").read_text())
-    state = {}
+    packed = {}
     for p in sorted(in_dir.glob("weights-*.npz")):
         with np.load(p) as z:
-            state.update({k: z[k].astype(np.float32) for k in z.files})
-    return state, RefConfig.from_dict(meta.pop("config")), meta
+            packed.update({k: z[k] for k in z.files})
+    return expand_state(packed), RefConfig.from_dict(meta.pop("config")), meta
+
+
+def load_state(model, state: dict[str, np.ndarray]) -> None:
+    """Put a float32 state dict (from load_shards) into a torch model of the same config."""
+    torch = _torch()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
 
 
 def model_metadata(w, cfg: RefConfig, name: str) -> None:

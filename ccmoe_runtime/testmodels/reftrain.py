@@ -73,7 +73,7 @@ def reference_tokens(corpus: Corpus, vocab_size: int, engine) -> tuple[np.ndarra
 def _train_here(cfg: RefConfig, train, held, device: str, progress) -> tuple[dict, dict]:
     started = time.monotonic()
     model, log = train_model(cfg, train, held, device, progress)
-    info = {"device": device, "steps_run": log[-1]["step"], "train_seconds": round(time.monotonic() - started, 1),
+    info = {"device": device, "steps_run": max(r["step"] for r in log if "step" in r), "train_seconds": round(time.monotonic() - started, 1),
             "parameters": parameter_count(model), "log": log,
             "heldout_loss_torch": round(evaluate(model, held, cfg, device, windows=10_000), 4),
             "routing": routing_stats(model, held, cfg, device, windows=200)}
