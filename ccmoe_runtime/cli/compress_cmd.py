@@ -11,10 +11,14 @@ from ..compress.pipeline import (
     check_compress,
     check_plan_files,
     compress_model,
+    frontier_files,
     load_plan,
+    plan_frontier,
     plan_model,
+    save_frontier_plan,
     save_plan,
 )
+from ..compress.frontier import summary_lines as frontier_lines
 from ..compress.plan import summary_lines
 from ..compress.quantize import build
 from ..engine.build import find_engine
@@ -77,6 +81,14 @@ def _plan_options(f):
     return f
 
 
+def _target_options(f):
+    """--min-tps / --max-kld: which frontier point `plan --frontier` and `compress` take."""
+    f = click.option("--max-kld", type=POSITIVE, default=None,
+                     help="Take the fastest frontier point predicting at most this KLD.")(f)
+    return click.option("--min-tps", type=POSITIVE, default=None,
+                        help="Take the frontier point of least predicted KLD at this decode tok/s or more.")(f)
+
+
 @main.command()
 @click.argument("model", type=INVENTORY)
 @_plan_options
@@ -84,13 +96,22 @@ def _plan_options(f):
               help="Folder written by `ccmoe-run measure` (default: prior error model, no weights needed).")
 @click.option("-o", "--out", type=OUTPUT, default=Path("ccmoe-plan.json"), show_default=True)
 @click.option("--png/--no-png", default=True, show_default=True, help="Also draw the plan as a PNG.")
+@click.option("--frontier", "with_frontier", is_flag=True,
+              help="Choose types and memory pools together: the speed/quality frontier (OUT.frontier.json, "
+                   "OUT.frontier.png); OUT is the plan of its knee or of the point --min-tps/--max-kld ask for.")
+@_target_options
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan's totals as JSON.")
-def plan(model, device, budget_gb, ctx, parallel, experts_used, original_experts, measured_dir, out, png, force,
-         as_json) -> None:
-    """Choose a GGUF type for every tensor that fits the device and loses least."""
+def plan(model, device, budget_gb, ctx, parallel, experts_used, original_experts, measured_dir, out, png,
+         with_frontier, min_tps, max_kld, force, as_json) -> None:
+    """Choose a GGUF type for every tensor that fits the device and loses least (--frontier: and its pool,
+    trading predicted tok/s against predicted KLD)."""
     check_plan_files(out, force, png)
     measured = load_measurements(measured_dir, Path(model.source)) if measured_dir else None
+    if with_frontier or min_tps is not None or max_kld is not None:
+        _plan_frontier(model, device, budget_gb, ctx, parallel, experts_used, original_experts, measured, out, png,
+                       min_tps, max_kld, force, as_json)
+        return
     result = plan_model(find_engine(), model, device, ctx, parallel, budget_gb, measured, experts_used,
                         original_experts)
     files = save_plan(result, out, force=force, picture=png)
@@ -99,6 +120,23 @@ def plan(model, device, budget_gb, ctx, parallel, experts_used, original_experts
                   | {"files": {k: str(p) for k, p in files.items()}})
     else:
         click.echo("\n".join(summary_lines(result)))
+        click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _plan_frontier(model, device, budget_gb, ctx, parallel, experts_used, original_experts, measured, out, png,
+                   min_tps, max_kld, force, as_json) -> None:
+    for p in frontier_files(out).values():
+        check_plan_files(p, force, False)
+    f, result = plan_frontier(find_engine(), model, device, ctx, parallel, budget_gb, measured, experts_used,
+                              original_experts, min_tps, max_kld)
+    files = save_frontier_plan(f, result, out, force=force, picture=png)
+    if as_json:
+        echo_json({k: v for k, v in f.to_dict().items() if k not in ("points", "fixed")}
+                  | {"points": [{k: v for k, v in q.to_dict().items() if k not in ("types", "where")}
+                                for q in f.points]}
+                  | {"files": {k: str(p) for k, p in files.items()}})
+    else:
+        click.echo("\n".join(frontier_lines(f)))
         click.echo("wrote " + ", ".join(str(p) for p in files.values()))
 
 

@@ -17,6 +17,7 @@ from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
 from ..model.inventory import ModelInventory, read_gguf, require_moe, summarize
 from .checks import CheckResult, preflight
+from .frontier import FRONTIER_KIND, FRONTIER_VERSION, Frontier, frontier_model, point_plan
 from .measure import Measurements, load_measurements, measure_model, measurement_paths
 from .plan import (
     PLAN_KIND,
@@ -27,7 +28,7 @@ from .plan import (
     make_plan,
     tensor_type_lines,
 )
-from .plot import plan_png
+from .plot import frontier_png, plan_png
 from .quantize import BuildResult, build
 from .sensitivity import prior_sensitivity
 
@@ -72,6 +73,43 @@ def save_plan(plan: Plan, path: Path, force: bool = False, picture: bool = True)
     else:
         files.pop("png")
     return files
+
+
+def plan_frontier(engine: Engine, inv: ModelInventory, device: DeviceProfile, ctx: int, parallel: int,
+                  budget_gb: float | None = None, measured: Measurements | None = None,
+                  experts_used: int | None = None, original_experts: int | None = None,
+                  min_tps: float | None = None, max_kld: float | None = None) -> tuple[Frontier, Plan]:
+    """The device's frontier and the plan of its chosen point (the knee, or the one --min-tps/--max-kld ask for)."""
+    f, sens = frontier_model(engine, inv, device, ctx, parallel, budget_gb, measured, experts_used, original_experts,
+                             min_tps, max_kld)
+    return f, point_plan(f, sens, measured.impact if measured else None)
+
+
+def frontier_files(path: Path) -> dict[str, Path]:
+    """A frontier's files beside the plan's: PLAN.frontier.json and PLAN.frontier.png."""
+    stem = Path(path).name.removesuffix(".json")
+    return {"frontier": Path(path).with_name(f"{stem}.frontier.json"),
+            "frontier_png": Path(path).with_name(f"{stem}.frontier.png")}
+
+
+def save_frontier_plan(f: Frontier, plan: Plan, path: Path, force: bool = False,
+                       picture: bool = True) -> dict[str, Path]:
+    """The chosen point's plan files (save_plan) and the frontier's JSON and picture."""
+    extra = frontier_files(path)
+    for kind, p in extra.items():
+        if kind == "frontier" or picture:
+            check_writable(p, force, what="frontier")
+    files = save_plan(plan, path, force, picture)
+    write_atomic(extra["frontier"], artifact_bytes(FRONTIER_KIND, FRONTIER_VERSION, f), force=True)
+    if picture:
+        frontier_png(f, extra["frontier_png"])
+    else:
+        extra.pop("frontier_png")
+    return {**files, **extra}
+
+
+def load_frontier(path: Path) -> Frontier:
+    return Frontier.from_dict(load_artifact(path, FRONTIER_KIND, FRONTIER_VERSION))
 
 
 def load_plan(path: Path) -> Plan:

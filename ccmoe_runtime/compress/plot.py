@@ -1,10 +1,12 @@
-"""Pictures of a plan: bits per weight of every tensor by layer, and bits per tensor class (PNG)."""
+"""Pictures of a plan (bits per weight of every tensor by layer, and bits per tensor class) and of a frontier
+(predicted tok/s against predicted KLD) as PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..core.files import write_atomic
+from .frontier import Frontier
 from .plan import Plan, bits, class_bits, layer_grid, tensor_label
 
 
@@ -39,6 +41,38 @@ def plan_png(plan: Plan, path: Path) -> Path:
         bx.text(v["bpw"], i, f" {v['bpw']:.2f}", va="center", fontsize=8)
     bx.set_xlabel("bits per weight")
     bx.set_title(f"{plan.file_bytes / 1e9:.2f} GB on {plan.budget.device}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def frontier_png(f: Frontier, path: Path) -> Path:
+    """Predicted decode tok/s against predicted KLD for every frontier point, sizes written beside them; the
+    chosen point and the knee marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = [q.kld for q in f.points]
+    y = [q.decode_tps for q in f.points]
+    ax.plot(x, y, "o-", color="tab:blue", label="frontier")
+    for i, q in enumerate(f.points):
+        ax.annotate(f"#{i} {q.file_bytes / 1e9:.1f} GB", (q.kld, q.decode_tps), textcoords="offset points",
+                    xytext=(6, -10), fontsize=7)
+    ax.plot([x[f.knee]], [y[f.knee]], "s", ms=11, mfc="none", mec="tab:green", label="knee")
+    ax.plot([x[f.chosen]], [y[f.chosen]], "*", ms=14, color="tab:red", label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{f.objective} (log scale)")
+    ax.set_ylabel("predicted decode tok/s (empty context)")
+    ax.set_title(f"{Path(f.model).name} on {f.device}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
