@@ -39,11 +39,14 @@ from .params import (
 
 _calib_option = click.option("--calib", type=INPUT_FILE, default=None,
                              help="Calibration text (default: the project's English corpus).")
+_imatrix_option = click.option("--imatrix", "imatrix_file", type=INPUT_FILE, default=None,
+                               help="Use this llama.cpp imatrix (.gguf or legacy .dat) instead of running llama-imatrix.")
 
 
 @main.command()
 @click.argument("model", type=MODEL)
 @_calib_option
+@_imatrix_option
 @click.option("-o", "--out", type=FOLDER, default=Path("ccmoe-measurements"), show_default=True,
               help="Folder for the imatrix, expert statistics, sensitivity and impact artifacts.")
 @click.option("--ctx", type=CONTEXT, default=512, show_default=True, help="Tokens per llama-imatrix chunk.")
@@ -53,11 +56,11 @@ _calib_option = click.option("--calib", type=INPUT_FILE, default=None,
 @click.option("--threads", "-t", type=COUNT, default=None, help="Threads for the llama.cpp tools.")
 @click.option("--force", is_flag=True, help="Overwrite earlier results in the folder.")
 @click.option("--json", "as_json", is_flag=True)
-def measure(model, calib, out, ctx, chunks, impact, threads, force, as_json) -> None:
+def measure(model, calib, imatrix_file, out, ctx, chunks, impact, threads, force, as_json) -> None:
     """Measure expert activation frequency, the imatrix, per-tensor error per type and output impact."""
     with progress_bar("impact probes") as bar:
         result = measure_model(find_engine(), model, calibration_text(calib), out, ctx=ctx, chunks=chunks,
-                               impact=impact, force=force, threads=threads, progress=bar)
+                               impact=impact, force=force, threads=threads, progress=bar, imatrix=imatrix_file)
     echo_result(result, as_json)
 
 
@@ -164,12 +167,13 @@ def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
 @click.option("--check", "check_only", is_flag=True,
               help="Only run the checks compress starts with (fit, disk, RAM); works on an inventory.")
 @_calib_option
+@_imatrix_option
 @click.option("--impact/--no-impact", default=None, help="Measure output impact (default: models up to 4 GB).")
 @click.option("--threads", "-t", type=COUNT, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUT and earlier measurements.")
 @click.option("--json", "as_json", is_flag=True)
-def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, check_only, calib, impact,
-             threads, force, as_json) -> None:
+def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, check_only, calib,
+             imatrix_file, impact, threads, force, as_json) -> None:
     """Check fit, disk and RAM, then measure -> plan -> build; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
     if check_only:
         echo_result(check_compress(find_engine(), model, device, out, ctx, parallel, budget_gb, impact, threads),
@@ -177,7 +181,8 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
         return
     with progress_bar("impact probes") as measuring, progress_bar("quantizing") as quantizing:
         result = compress_model(find_engine(), model, device, out, calibration_text(calib), ctx, parallel, budget_gb,
-                                experts_used, original_experts, impact, threads, force, measuring, quantizing)
+                                experts_used, original_experts, impact, threads, force, measuring, quantizing,
+                                imatrix_file)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -28,6 +28,8 @@ from .params import CONTEXT, COUNT, INPUT_FILE, MODEL, OUTPUT
               help="Calibration text for the router statistics (default: the project's English corpus).")
 @click.option("--stats", "stats_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Router statistics to reuse (default: measured, cached as OUT's folder/MODEL.router-stats.json).")
+@click.option("--imatrix", "imatrix_file", type=INPUT_FILE, default=None,
+              help="The model's imatrix (.gguf or legacy .dat): written sliced to the kept experts as OUT.imatrix.gguf.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of --method random.")
 @click.option("--experts-used", type=COUNT, default=None,
               help="Experts per token (default: max(1, round(k x kept / original experts))).")
@@ -36,12 +38,12 @@ from .params import CONTEXT, COUNT, INPUT_FILE, MODEL, OUTPUT
 @click.option("--threads", "-t", type=COUNT, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def prune(model, out, keep, keep_ratio, method, alpha, calib, stats_file, seed, experts_used, ctx, chunks, threads,
-          force, as_json) -> None:
+def prune(model, out, keep, keep_ratio, method, alpha, calib, stats_file, imatrix_file, seed, experts_used, ctx, chunks,
+          threads, force, as_json) -> None:
     """Drop the least important experts of every MoE layer by router statistics; write a smaller GGUF."""
     stats = load_router_stats(stats_file) if stats_file else None
     needs_text = stats is None and method != "random"
     result = prune_model(find_engine() if needs_text else None, model, out, keep, keep_ratio, method, alpha, seed,
                          calibration_text(calib) if needs_text else None, stats, stats_file, experts_used, ctx, chunks,
-                         threads, force)
+                         threads, force, imatrix_file)
     echo_result(result, as_json)

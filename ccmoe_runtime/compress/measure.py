@@ -70,15 +70,17 @@ def measurement_paths(folder: Path, model: Path) -> dict[str, Path]:
 
 def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int = 512, chunks: int | None = 64,
                   impact: bool | None = None, force: bool = False, threads: int | None = None,
-                  progress=None) -> Measurements:
-    """imatrix and expert statistics (llama-imatrix), per-type errors (ggml), and output impact (probe builds)."""
+                  progress=None, imatrix: Path | None = None) -> Measurements:
+    """imatrix and expert statistics (llama-imatrix, or from the user's `imatrix`), per-type errors (ggml), and
+    output impact (probe builds)."""
     read_text(Path(calib), "calibration text")        # binary or not UTF-8: one line before any tool runs
     paths = measurement_paths(folder, model)
     if not force:
         for p in (paths["sensitivity"], paths["impact"]):
             if p.exists():
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
-    stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force)
+    stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force,
+                                 imatrix=imatrix)
     small = read_gguf(model).file_bytes <= IMPACT_MAX_BYTES     # every shard; loads in memory, probes affordable
     router = None
     if small:        # mean routing score per expert (bindings' cb_eval)

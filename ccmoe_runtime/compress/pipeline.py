@@ -154,7 +154,8 @@ def check_compress(engine: Engine, inv: ModelInventory, device: DeviceProfile, o
 def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceProfile, out: Path, calib: Path, ctx: int = 8192,
                    parallel: int = 1, budget_gb: float | None = None, experts_used: int | None = None,
                    original_experts: int | None = None, impact: bool | None = None, threads: int | None = None,
-                   force: bool = False, measure_progress=None, build_progress=None) -> CompressResult:
+                   force: bool = False, measure_progress=None, build_progress=None,
+                   imatrix: Path | None = None) -> CompressResult:
     """measure (unless already measured) -> plan -> build; the artifacts stay in OUT.ccmoe/."""
     inv = model if isinstance(model, ModelInventory) else read_gguf(model)
     check_writable(out, force, what="compressed model")
@@ -162,7 +163,8 @@ def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceP
     model = weights_path(inv, "compress")
     work = work_folder(out)
     if not measurement_paths(work, model)["sensitivity"].is_file() or force:
-        measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=measure_progress)
+        measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=measure_progress,
+                      imatrix=imatrix)
     plan = plan_model(engine, read_gguf(model), device, ctx, parallel, budget_gb, load_measurements(work, model),
                       experts_used, original_experts)
     files = save_plan(plan, work / "plan.json", force=True)

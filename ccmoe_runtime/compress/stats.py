@@ -1,8 +1,7 @@
-"""Statistics measured with llama.cpp: expert activation counts from llama-imatrix's GGUF output."""
+"""Statistics measured with llama.cpp: expert activation counts from llama-imatrix's GGUF output (or the user's)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +13,11 @@ from ..engine.build import Engine
 from ..engine.tools import run_imatrix
 from ..model.experts import EXPERT_STATS_KIND, EXPERT_STATS_VERSION
 from ..model.inventory import model_digest, read_gguf, require_moe, summarize
-
-_COUNTS = re.compile(r"^blk\.(\d+)\.ffn_(?:up|gate|gate_up)_(?:ch|)exps\.weight\.counts$")
-
+from .imatrix import expert_token_counts, fit_to_model, read_imatrix_file, write_imatrix_gguf
 
 def expert_counts(imatrix: Path) -> dict[int, np.ndarray]:
     """Per MoE layer, how many tokens were routed to each expert (llama-imatrix's `counts` for *_exps)."""
-    import gguf
-
-    counts: dict[int, np.ndarray] = {}
-    for t in gguf.GGUFReader(str(imatrix)).tensors:
-        m = _COUNTS.match(t.name)
-        if m and int(m.group(1)) not in counts:
-            counts[int(m.group(1))] = np.asarray(t.data, dtype=np.float64).ravel().copy()
-    return counts
+    return expert_token_counts(read_imatrix_file(imatrix))
 
 
 def usage_entropy(counts: np.ndarray) -> float:
@@ -51,30 +41,44 @@ def expert_frequencies(counts: dict[int, np.ndarray], n_used: int) -> dict[int, 
 
 
 def measure_expert_stats(engine: Engine, model: Path, calibration: Path, out_dir: Path, ctx: int = 512,
-                  chunks: int | None = 64, threads: int | None = None, force: bool = False) -> dict:
-    """Run llama-imatrix on the calibration text; write the imatrix and an expert-statistics artifact."""
+                  chunks: int | None = 64, threads: int | None = None, force: bool = False,
+                  imatrix: Path | None = None) -> dict | None:
+    """Run llama-imatrix on the calibration text (or take the user's `imatrix`); write the imatrix (GGUF) and
+    the expert-statistics artifact. None when a legacy imatrix has no per-expert counts to derive them from."""
 
-    summary = summarize(read_gguf(model))
+    inv = read_gguf(model)
+    summary = summarize(inv)
     require_moe(summary, str(model))
-    if not Path(calibration).is_file():
+    if imatrix is None and not Path(calibration).is_file():
         raise CcmoeError(f"calibration text {calibration} does not exist", "pass --calib with a plain-text file")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(model).name.removesuffix(".gguf")
-    imatrix, stats_path = out_dir / f"{stem}.imatrix.gguf", out_dir / f"{stem}.expert-stats.json"
-    for path in (imatrix, stats_path):
+    dest, stats_path = out_dir / f"{stem}.imatrix.gguf", out_dir / f"{stem}.expert-stats.json"
+    for path in (dest, stats_path):
         if path.exists() and not force:
             raise CcmoeError(f"{path} already exists", "pass --force to overwrite it or choose another -o folder")
-    tmp = temp_beside(imatrix)
-    try:
-        run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads)
-        tmp.replace(imatrix)
-    finally:
-        tmp.unlink(missing_ok=True)
-    counts = expert_counts(imatrix)
+    given = fit_to_model(read_imatrix_file(imatrix), inv, Path(imatrix)) if imatrix else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if given is not None:
+        write_imatrix_gguf(given, dest)
+        counts = expert_token_counts(given)
+    else:
+        tmp = temp_beside(dest)
+        try:
+            run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads)
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        counts = expert_counts(dest)
+    if not counts:
+        stats_path.unlink(missing_ok=True)
+        return None
     freqs = expert_frequencies(counts, summary.n_expert_used)
+    source = ({"imatrix_source": str(imatrix), "calibration": ", ".join(given.datasets) or None, "ctx": given.chunk_size,
+               "chunks": given.chunk_count} if given is not None else
+              {"calibration": str(calibration), "calibration_sha256": file_sha256(Path(calibration)), "ctx": ctx,
+               "chunks": chunks})
     payload = {
-        "model": str(model), "model_digest": model_digest(Path(model)), "calibration": str(calibration),
-        "calibration_sha256": file_sha256(Path(calibration)), "ctx": ctx, "chunks": chunks, "imatrix": str(imatrix),
+        "model": str(model), "model_digest": model_digest(Path(model)), **source, "imatrix": str(dest),
         "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
         "layers": {str(layer): {"counts": counts[layer].tolist(), "frequency": [round(float(x), 6) for x in freqs[layer]],
                                 "entropy_bits": round(usage_entropy(counts[layer]), 4)} for layer in sorted(counts)},

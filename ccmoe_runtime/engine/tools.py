@@ -168,9 +168,10 @@ def run_perplexity(engine: Engine, args: list[str], what: str, last_line: str = 
 
 
 def run_imatrix(engine: Engine, model: Path, text: Path, out: Path, ctx: int = 512, chunks: int | None = None,
-                threads: int | None = None) -> Path:
-    """Run llama-imatrix on `text`, writing its GGUF imatrix to `out`."""
-    cmd = [str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx)]
+                threads: int | None = None, output_format: str = "gguf") -> Path:
+    """Run llama-imatrix on `text`, writing its imatrix to `out` (GGUF, or the legacy `dat` layout)."""
+    cmd = [str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx),
+           "--output-format", output_format]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if threads:

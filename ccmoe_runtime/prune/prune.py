@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compress.imatrix import fit_to_model, read_imatrix_file, slice_experts, write_imatrix_gguf
 from ..compress.router import cached_router_stats, router_stats_path
 from ..core.errors import CcmoeError
 from ..core.files import check_writable, read_text, staged_output
@@ -326,6 +327,7 @@ class PruneResult:
     kept_share: dict[str, float | None]   # layer -> share of the calibration routings the kept experts took
     bytes_before: int
     bytes_after: int
+    imatrix: str | None = None   # the input's imatrix sliced to the kept experts, beside the output
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -347,14 +349,23 @@ class PruneResult:
             share = self.kept_share[layer]
             lines.append(f"  {layer:<5}{' '.join(map(str, ids)):<32}{'-' if share is None else f'{100 * share:.1f}%'}")
         lines.append(f"size {human_size(self.bytes_before)} -> {human_size(self.bytes_after)}; wrote {self.output}")
+        if self.imatrix:
+            lines.append(f"imatrix sliced to the kept experts: {self.imatrix}")
         return lines
+
+
+def pruned_imatrix_path(out: Path) -> Path:
+    """Where prune writes the sliced imatrix: OUT.imatrix.gguf beside OUT.gguf."""
+    return Path(out).with_name(Path(out).name.removesuffix(".gguf") + ".imatrix.gguf")
 
 
 def prune_model(engine: Engine | None, model: Path, out: Path, keep: int | None = None, keep_ratio: float | None = None,
                 method: str = "importance", alpha: float = DEFAULT_ALPHA, seed: int = 0, calib: Path | None = None,
                 stats: dict | None = None, stats_path: Path | None = None, experts_used: int | None = None,
-                ctx: int = 256, chunks: int | None = 64, threads: int | None = None, force: bool = False) -> PruneResult:
-    """Check the output, measure (or reuse) router statistics, choose the experts, write the pruned GGUF."""
+                ctx: int = 256, chunks: int | None = 64, threads: int | None = None, force: bool = False,
+                imatrix: Path | None = None) -> PruneResult:
+    """Check the output, measure (or reuse) router statistics, choose the experts, write the pruned GGUF (and
+    the input's `imatrix` sliced to the kept experts beside it)."""
     out = Path(out)
     used_alpha = check_method(method, alpha)
     inv = read_gguf(model)
@@ -364,6 +375,9 @@ def prune_model(engine: Engine | None, model: Path, out: Path, keep: int | None 
     n_keep = resolve_keep(summary.n_expert, keep, keep_ratio)
     check_writable(out, force, int(pruned_bytes(inv, n_keep, summary.n_expert) * DISK_MARGIN), "pruned model")
     counts = expert_counts_after(inv, summary, n_keep, experts_used)
+    given = fit_to_model(read_imatrix_file(imatrix), inv, Path(imatrix)) if imatrix else None
+    if given is not None:
+        check_writable(pruned_imatrix_path(out), force, what="sliced imatrix")
     if stats is None and method != "random":
         if calib is None:
             raise CcmoeError(f"pruning by {method} needs calibration text", "pass --calib FILE")
@@ -379,9 +393,12 @@ def prune_model(engine: Engine | None, model: Path, out: Path, keep: int | None 
               "calibration_sha256": stats.get("calibration_sha256") if stats else None,
               "tokens": stats.get("tokens") if stats else None}
     write_pruned_gguf(model, out, kept, metadata_updates(inv.arch, counts, original_ids(inv, kept), choice), force)
+    if given is not None:
+        write_imatrix_gguf(slice_experts(given, kept), pruned_imatrix_path(out), force=True)
     return PruneResult(model=str(model), output=str(out), arch=inv.arch, **choice,
                        stats=str(stats_path) if stats_path else None,
                        score_node=stats.get("score_node") if stats else None, counts=counts,
                        kept={str(k): v for k, v in kept.items()},
                        kept_share={str(k): v for k, v in kept_share(stats, kept).items()},
-                       bytes_before=inv.file_bytes, bytes_after=out.stat().st_size)
+                       bytes_before=inv.file_bytes, bytes_after=out.stat().st_size,
+                       imatrix=str(pruned_imatrix_path(out)) if given is not None else None)
