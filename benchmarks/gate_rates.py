@@ -17,9 +17,12 @@ round). `verdict.decide` stops at the first conclusive look, at --max-rounds or 
   depth   one process with -d 0,512 against one without -d, a few times: each test's tokens/s and wall time.
   baseline  records one baseline (ccmoe_runtime.bench.baseline.record_baseline: -t 1, prompt and decode at depth 0,
           --record-rounds rounds), then --verdicts checks of the same configuration against it (false alarms: any
-          measure flagged) and --verdicts checks with B's model the bundled model converted to F32 by
-          llama-quantize (decode about 0.7x here; misses: the gate not flagged). Each check is
-          `check_baseline` as `ccmoe-run bench --baseline F [--model-b F32] --max-seconds 2 x --time-limit` runs it.
+          measure flagged) and --verdicts checks with B's model a slower file: the bundled model with the tensors
+          matching --widen (default "exps|attn": experts and attention) widened from F16 to F32, decode about
+          0.77x here (misses: the gate not flagged). Each check is `check_baseline` as
+          `ccmoe-run bench --baseline F [--model-b SLOW.gguf] --max-seconds 2 x --time-limit` runs it.
+          --hog-checks N starts N hog processes (below) after recording, for the checks only: the machine then
+          differs from the one that recorded, which the old median threshold took for a regression.
 
 --hog N runs N background processes while measuring, each switching between a busy loop and sleep at random
 (0.2-3 s phases, busy half the time): a restless machine made on purpose, when the shared one happens to be
@@ -45,6 +48,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -176,22 +180,23 @@ def depth(args: argparse.Namespace) -> None:
 def baseline(args: argparse.Namespace) -> None:
     from ccmoe_runtime.bench.baseline import check_baseline, load_baseline, record_baseline
     from ccmoe_runtime.bench.gate import Side
-    from ccmoe_runtime.engine.tools import run_tool
 
     engine = find_engine()
     work = Path(tempfile.mkdtemp(prefix="gate-rates-"))
+    hogs = []
     try:
-        slow_model = work / "bundled-f32.gguf"
-        run_tool(engine, "llama-quantize", ["--allow-requantize", str(MODEL), str(slow_model), "F32"], "bundled")
+        slow_model = widened(MODEL, work / "bundled-widened.gguf", args.widen)
         started = time.monotonic()
         got = record_baseline(Side(engine, MODEL, 1), [0], args.record_rounds, work / "base.json")
         print(f"recorded {args.record_rounds} rounds in {time.monotonic() - started:.0f} s: " +
               ", ".join(f"{m} median {np.median(v):,.0f}" for m, v in got.measures.items()), flush=True)
+        hogs = start_hogs(args.hog_checks)
         recorded = load_baseline(work / "base.json")["measures"]
         tally = {}
         for label, model, wrong in (("same", MODEL, lambda d: d == "regression"),
-                                    ("slower (F32)", slow_model, lambda d: d != "regression")):
-            print(f"\n{label}: B = {model.name}, -t 1, the current engine", flush=True)
+                                    ("slower", slow_model, lambda d: d != "regression")):
+            print(f"\n{label}: B = {model.name}, -t 1, the current engine; A = the recorded configuration re-run",
+                  flush=True)
             errors = old_errors = 0
             for i in range(args.verdicts):
                 c = check_baseline(work / "base.json", Side(engine, model, 1), args.max_regression,
@@ -209,10 +214,49 @@ def baseline(args: argparse.Namespace) -> None:
             what = "false alarms" if label == "same" else "misses"
             print(f"  {what}: {errors}/{args.verdicts}; the old median threshold against the recorded rounds: "
                   f"{old_errors}/{args.verdicts}", flush=True)
-        print(f"\nfalse alarms {tally['same']}/{args.verdicts}, misses {tally['slower (F32)']}/{args.verdicts}; "
+        print(f"\nfalse alarms {tally['same']}/{args.verdicts}, misses {tally['slower']}/{args.verdicts}; "
               f"{time.monotonic() - started:.0f} s in all")
     finally:
+        stop_hogs(hogs)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def widened(src: Path, out: Path, pattern: str) -> Path:
+    """A copy of the F16 model with the tensors whose names match `pattern` widened to F32: the same model, more
+    bytes to read per token (a real, repeatable slow-down of the file, not of the machine)."""
+    import gguf
+
+    from ccmoe_runtime.prune.prune import _copy_kv
+
+    r = gguf.GGUFReader(str(src), "r")
+    w = gguf.GGUFWriter(str(out), str(r.get_field(gguf.Keys.General.ARCHITECTURE).contents()))
+    _copy_kv(r, w, {"general.file_type": (0, gguf.GGUFValueType.UINT32)})
+    for t in r.tensors:
+        data = np.array(t.data)
+        if t.tensor_type == gguf.GGMLQuantizationType.F16 and re.search(pattern, t.name):
+            data = data.astype(np.float32)
+        w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def start_hogs(n: int) -> list:
+    hogs = [multiprocessing.Process(target=hog, args=(i,), daemon=True) for i in range(n)]
+    for h in hogs:
+        h.start()
+    if hogs:
+        print(f"{len(hogs)} hog process(es): {', '.join(str(h.pid) for h in hogs)}", flush=True)
+    return hogs
+
+
+def stop_hogs(hogs: list) -> None:
+    """Stop our own hog processes, by their process objects."""
+    for h in hogs:
+        h.terminate()
+        h.join()
 
 
 def hog(seed: int) -> None:
@@ -246,20 +290,16 @@ def main() -> None:
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=45.0)
     p.add_argument("--record-rounds", type=int, default=10, help="baseline: rounds recorded per measure")
+    p.add_argument("--widen", default="exps|attn", help="baseline: tensors widened to F32 in B's slower model")
+    p.add_argument("--hog-checks", type=int, default=0, help="baseline: hog processes during the checks only")
     p.add_argument("--hog", type=int, default=0, help="background processes that make the machine restless")
     args = p.parse_args()
     started = time.monotonic()
-    hogs = [multiprocessing.Process(target=hog, args=(i,), daemon=True) for i in range(args.hog)]
-    for h in hogs:
-        h.start()
-    if hogs:
-        print(f"{len(hogs)} hog process(es): {', '.join(str(h.pid) for h in hogs)}")
+    hogs = start_hogs(args.hog)
     try:
         {"probe": probe, "rates": rates, "depth": depth, "baseline": baseline}[args.what](args)
     finally:
-        for h in hogs:
-            h.terminate()
-            h.join()
+        stop_hogs(hogs)
     print(f"{time.monotonic() - started:.0f} s")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import psutil
 import pytest
@@ -17,11 +18,12 @@ from ccmoe_runtime.bench.bench import (
     reps_for,
     round_drift,
 )
+from ccmoe_runtime.bench.baseline import freeze_engine
 from ccmoe_runtime.bench.gate import Side, history_record, one_run, run_gate
 from ccmoe_runtime.bench.verdict import paired_verdict
 from ccmoe_runtime.cli import main
 from ccmoe_runtime.core.errors import CcmoeError
-from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.engine.build import Engine, find_engine
 from ccmoe_runtime.engine.tools import run_tool
 from ccmoe_runtime.model.sources import bundled_model_path
 
@@ -236,6 +238,7 @@ def _error_line(output: str) -> str:
     (["--record", "."], "is a directory"),
     (["--record", "new.json", "--runs", "1"], "too few rounds"),
     (["--depth", "512"], "gate options"),
+    (["--baseline", "other.json", "--depth", "512"], "apply to --record"),
     (["--serve"], "gate options"),
     (["--threads-b", "1", "--max-regression", "0"], "max-regression"),
     (["--threads-b", "1", "--max-seconds", "nan"], "max-seconds"),
@@ -252,6 +255,18 @@ def test_gate_options_refuse_bad_input_in_one_line_before_measuring(args, needle
     assert result.exit_code == 2, result.output
     assert needle in _error_line(result.output)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before           # nothing written
+
+
+def test_an_engine_whose_libraries_live_elsewhere_is_not_frozen(tmp_path, monkeypatch):
+    # llama-bench copied without its libraries: ldd finds them nowhere beside it, so a copy would not be frozen
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy2(find_engine().bin_dir / "llama-bench", lone / "llama-bench")
+    monkeypatch.setenv("CCMOE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(CcmoeError) as got:
+        freeze_engine(Engine(bin_dir=lone, backend="cpu", key="lone"))
+    assert "from outside its folder" in got.value.one_line() and "libllama" in got.value.one_line()
+    assert not any((tmp_path / "cache").rglob("llama-bench"))          # no half-frozen copy left
 
 
 def test_a_failed_llama_bench_run_is_one_error_line_with_the_engine_exit_code():

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,23 @@ def engine_digest(bin_dir: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def outside_libraries(bin_dir: Path) -> list[str]:
+    """llama.cpp's libraries (libllama*, libggml*, libmtmd*) that the frozen llama-bench would load from outside
+    its folder, or not find (Linux: ldd; elsewhere nothing is checked). A build with an absolute RPATH to its build
+    folder would run a later rebuild's libraries, so a copy of it is no frozen engine."""
+    if not shutil.which("ldd"):
+        return []
+    done = subprocess.run(["ldd", str(Path(bin_dir) / "llama-bench")], capture_output=True, text=True, check=False)
+    bad = []
+    for line in done.stdout.splitlines():
+        name, _, where = line.strip().partition(" => ")
+        if name.startswith(("libllama", "libggml", "libmtmd")):
+            path = where.split(" (", 1)[0].strip()
+            if path == "not found" or Path(path).parent.resolve() != Path(bin_dir).resolve():
+                bad.append(f"{name} ({path})")
+    return bad
+
+
 def frozen_root() -> Path:
     return cache_root() / "baselines" / "engines"
 
@@ -135,8 +153,16 @@ def freeze_engine(engine: Engine) -> tuple[Path, str]:
         (tmp / "bin").mkdir()
         for p in frozen_files(engine.bin_dir):
             shutil.copy2(p, tmp / "bin" / p.name, follow_symlinks=False)
+        outside = outside_libraries(tmp / "bin")
+        if outside:
+            raise CcmoeError(f"the engine's llama-bench in {engine.bin_dir} loads {', '.join(outside[:3])} from outside "
+                             "its folder, so a copy of it would not stay frozen",
+                             "use `ccmoe-run engine build`, or build llama.cpp with -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
+    except CcmoeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CcmoeError(f"cannot freeze the engine into {dest.parent} ({e.strerror or e})",
@@ -213,7 +239,7 @@ def recorded_side(doc: dict, path: Path) -> Side:
     redo = f"record the baseline again on this machine (`ccmoe-run bench --record {path} --force`)"
     if not (frozen / "llama-bench").is_file():
         raise CcmoeError(f"the engine frozen for {path} is gone ({frozen})", redo)
-    if engine_digest(frozen) != e["digest"]:
+    if engine_digest(frozen) != e["digest"] or outside_libraries(frozen):
         raise CcmoeError(f"the engine frozen for {path} changed since recording ({frozen})", redo)
     model = Path(m["path"])
     if not model.is_file():

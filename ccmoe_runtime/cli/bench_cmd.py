@@ -67,6 +67,9 @@ def bench(ctx, device, model, runs, threads, history, no_history, record, force,
     if record and (baseline or gate_opts):
         raise CcmoeError("--record writes a baseline; it does not take --baseline or -b options",
                          "record first, then gate with --baseline FILE")
+    if baseline and (depth or serve):
+        raise CcmoeError("with --baseline the recorded measures are gated; --depth and --serve apply to --record",
+                         "record a baseline with the measures you want gated")
     if baseline and given:
         raise CcmoeError(f"with --baseline, A is the recorded configuration; --{given[0]} does not apply",
                          "pass --model-b / --threads-b for what runs now")
