@@ -40,3 +40,26 @@ def test_weightless_deepseek_plan_uses_the_measured_priors(engine):
     t = sens["tensors"]["blk.30.ffn_down_exps.weight"]
     assert t["usage"] == pytest.approx(prior_impact(p, "blk.30.ffn_down_exps.weight", 30, 61, 58))
     assert "measured class priors" in sens["prior"]
+
+
+@pytest.mark.slow
+def test_without_probe_builds_a_deepseek2_model_is_planned_on_class_priors(engine, deepseek2_model, corpus, tmp_path,
+                                                                           monkeypatch):
+    import ccmoe_runtime.compress.measure as M
+    from ccmoe_runtime.compress.pipeline import plan_model
+    from ccmoe_runtime.devices import get_profile
+    from ccmoe_runtime.model.inventory import read_gguf
+
+    def no_probes(*args, **kwargs):
+        raise AssertionError("probe builds ran for a model above IMPACT_MAX_BYTES")
+
+    monkeypatch.setattr(M, "IMPACT_MAX_BYTES", 1)          # every model is "too large to probe"
+    monkeypatch.setattr(M, "measure_impact", no_probes)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(corpus.train.read_text()[:20_000])
+    m = M.measure_model(engine, deepseek2_model, calib, tmp_path / "m", ctx=128, chunks=4, threads=2)
+    assert m.impact["prior"] and set(m.impact["impact"]) == set(m.sensitivity["tensors"])
+    assert all(v > 0 for v in m.impact["impact"].values())
+    loaded = M.load_measurements(tmp_path / "m", deepseek2_model)
+    plan = plan_model(engine, read_gguf(deepseek2_model), get_profile("strixhalo-128g"), 512, 1, 0.02, loaded)
+    assert plan.objective == "predicted KLD"

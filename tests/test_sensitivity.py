@@ -127,3 +127,30 @@ def test_a_split_gguf_is_measured_and_identified_over_every_shard(engine, tmp_pa
     st = shards[-1].stat()
     os.utime(shards[-1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))   # even on a coarse clock
     assert model_digest(first) != digest and build_key(engine, first, plan, None) != key
+
+
+@pytest.mark.slow
+def test_sampling_is_bounded_by_experts_and_threads_change_nothing(engine, tmp_path):
+    import time
+
+    from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
+
+    spec = SynthSpec(arch="deepseek2", n_layer=2, n_dense_lead=1, n_expert=64, n_expert_used=4, seed=3)
+    model = write_random_gguf(spec, tmp_path / "wide.gguf")
+    args = dict(types=("Q2_K", "Q4_K"), rows_per_expert=4, use_cache=False)
+    started = time.perf_counter()
+    full = S.measure_sensitivity(engine, model, None, None, max_experts=64, threads=1, **args)
+    full_s = time.perf_counter() - started
+    started = time.perf_counter()
+    few = S.measure_sensitivity(engine, model, None, None, max_experts=8, threads=1, **args)
+    few_s = time.perf_counter() - started
+    twice = S.measure_sensitivity(engine, model, None, None, max_experts=8, threads=2, **args)
+    assert twice["tensors"] == few["tensors"]                      # deterministic whatever the thread count
+    routed = [n for n, t in few["tensors"].items() if t["class"] == "routed_expert"]
+    assert routed and all(few["tensors"][n]["experts_sampled"] == 8 for n in routed)
+    assert "experts_sampled" not in full["tensors"][routed[0]]
+    for n in routed:                # iid random experts: 8 of 64 estimate the tensor's error within a few percent
+        for k in ("Q2_K", "Q4_K"):
+            assert few["tensors"][n]["error"][k] == pytest.approx(full["tensors"][n]["error"][k], rel=0.1)
+        assert few["tensors"][n]["bytes"] == full["tensors"][n]["bytes"]
+    assert few_s < full_s                                          # an eighth of the expert rows

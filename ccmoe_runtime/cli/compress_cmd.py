@@ -21,6 +21,7 @@ from ..compress.pipeline import (
 from ..compress.frontier import summary_lines as frontier_lines
 from ..compress.plan import summary_lines
 from ..compress.quantize import build
+from ..compress.sensitivity import MAX_EXPERTS
 from ..engine.build import find_engine
 from ..testmodels.corpus import calibration_text
 from .app import main
@@ -53,14 +54,19 @@ _imatrix_option = click.option("--imatrix", "imatrix_file", type=INPUT_FILE, def
 @click.option("--chunks", type=COUNT, default=64, show_default=True, help="Chunks of calibration text to use.")
 @click.option("--impact/--no-impact", default=None,
               help="Measure each tensor's output impact with probe builds (default: for models up to 4 GB).")
-@click.option("--threads", "-t", type=COUNT, default=None, help="Threads for the llama.cpp tools.")
+@click.option("--sample-experts", type=COUNT, default=MAX_EXPERTS, show_default=True,
+              help="Experts per tensor whose errors are measured (a seeded sample when there are more).")
+@click.option("--sample-rows", type=COUNT, default=16, show_default=True, help="Rows measured per sampled expert.")
+@click.option("--threads", "-t", type=COUNT, default=None, help="Threads for the llama.cpp tools and the error sweep.")
 @click.option("--force", is_flag=True, help="Overwrite earlier results in the folder.")
 @click.option("--json", "as_json", is_flag=True)
-def measure(model, calib, imatrix_file, out, ctx, chunks, impact, threads, force, as_json) -> None:
+def measure(model, calib, imatrix_file, out, ctx, chunks, impact, sample_experts, sample_rows, threads, force,
+            as_json) -> None:
     """Measure expert activation frequency, the imatrix, per-tensor error per type and output impact."""
     with progress_bar("impact probes") as bar:
         result = measure_model(find_engine(), model, calibration_text(calib), out, ctx=ctx, chunks=chunks,
-                               impact=impact, force=force, threads=threads, progress=bar, imatrix=imatrix_file)
+                               impact=impact, force=force, threads=threads, progress=bar, imatrix=imatrix_file,
+                               max_experts=sample_experts, rows_per_expert=sample_rows)
     echo_result(result, as_json)
 
 

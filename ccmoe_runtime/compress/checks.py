@@ -14,10 +14,10 @@ from ..core.units import GB, gb_text
 from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
 from ..model.inventory import ModelInventory
+from .impact import IMPACT_MAX_BYTES
 from .plan import device_budget
 from .sensitivity import prior_sensitivity
 
-IMPACT_MAX_BYTES = 4 * 10**9      # the same default as measure: probe builds only for models up to 4 GB
 DISK_READ_BYTES_PER_S = 2 * 10**9  # assumed sequential read speed of the model's disk for streamed passes
 BUILD_BYTES_PER_S = 0.15 * 10**9   # assumed llama-quantize throughput per core, in source bytes
 IMATRIX_CHUNKS = 64

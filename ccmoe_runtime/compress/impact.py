@@ -19,6 +19,7 @@ from ..engine.tools import quantize
 from .quality import kl_divergence, save_reference_logits
 
 IMPACT_VERSION = 1
+IMPACT_MAX_BYTES = 4 * 10**9   # probe builds rebuild the whole model once per group: by default only models up to 4 GB
 PROBE_TYPES = ("IQ2_XXS", "Q2_K", "Q4_0")   # low enough to be measured well above noise, but not saturated;
 # Q4_0 (32-weight blocks) only where measured: rows shorter than the K/IQ types' 256 (the small reference models)
 REFERENCE_TYPE = "Q8_0"                # llama-quantize applies per-tensor types only on a quantized base

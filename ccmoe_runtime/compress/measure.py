@@ -18,12 +18,11 @@ from ..core.files import read_text
 from ..engine.build import Engine
 from ..model.experts import load_expert_stats
 from ..model.inventory import read_gguf
-from .impact import IMPACT_VERSION, measure_impact, save_impact
+from .impact import IMPACT_MAX_BYTES, IMPACT_VERSION, measure_impact, save_impact
 from .router import cached_router_stats, router_stats_path
-from .sensitivity import SENSITIVITY_VERSION, measure_sensitivity, save_sensitivity
+from .sensitivity import MAX_EXPERTS, SENSITIVITY_VERSION, measure_sensitivity, prior_impact_artifact, save_sensitivity
 from .stats import measure_expert_stats
 
-IMPACT_MAX_BYTES = 4 * 10**9    # impact probes rebuild the model once per tensor group: small models only
 IMPACT_CHUNKS = 64              # calibration chunks (of 256 tokens) each probe is scored on
 
 
@@ -51,7 +50,8 @@ class Measurements:
     def summary_lines(self) -> list[str]:
         d = self.to_dict()
         lines = [f"imatrix {d['imatrix']}", f"expert statistics {d['stats']}", f"sensitivity {d['sensitivity']}",
-                 f"impact {d['impact']}" if d["impact"] else "impact not measured (--impact to measure it)"]
+                 (f"impact {d['impact']}" + (" (class priors, no probe builds)" if (self.impact or {}).get("prior")
+                                             else "")) if d["impact"] else "impact not measured (--impact to measure it)"]
         if self.expert_stats:
             n = self.expert_stats["n_expert"]
             lines.append(f"layer  entropy (max {np.log2(n):.2f} bits)  most used experts (share of tokens)")
@@ -70,7 +70,8 @@ def measurement_paths(folder: Path, model: Path) -> dict[str, Path]:
 
 def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int = 512, chunks: int | None = 64,
                   impact: bool | None = None, force: bool = False, threads: int | None = None,
-                  progress=None, imatrix: Path | None = None) -> Measurements:
+                  progress=None, imatrix: Path | None = None, max_experts: int = MAX_EXPERTS,
+                  rows_per_expert: int = 16) -> Measurements:
     """imatrix and expert statistics (llama-imatrix, or from the user's `imatrix`), per-type errors (ggml), and
     output impact (probe builds)."""
     read_text(Path(calib), "calibration text")        # binary or not UTF-8: one line before any tool runs
@@ -81,12 +82,14 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
     stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force,
                                  imatrix=imatrix)
-    small = read_gguf(model).file_bytes <= IMPACT_MAX_BYTES     # every shard; loads in memory, probes affordable
+    inv = read_gguf(model)
+    small = inv.file_bytes <= IMPACT_MAX_BYTES     # every shard; loads in memory, probes affordable
     router = None
     if small:        # mean routing score per expert (bindings' cb_eval)
         router = router_stats_path(folder, model)
         cached_router_stats(engine, model, calib, router, ctx=min(ctx, 256), chunks=chunks, threads=threads)
-    sens = measure_sensitivity(engine, model, paths["imatrix"], stats)
+    sens = measure_sensitivity(engine, model, paths["imatrix"], stats, rows_per_expert=rows_per_expert,
+                               max_experts=max_experts, threads=threads)
     save_sensitivity(sens, paths["sensitivity"])
     found = None
     if impact if impact is not None else small:
@@ -97,8 +100,12 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
         finally:
             shutil.rmtree(work, ignore_errors=True)
         save_impact(found, paths["impact"])
-    else:
-        paths["impact"].unlink(missing_ok=True)
+    else:                 # no probes: the measured class priors of the model's family, where there are some
+        found = prior_impact_artifact(inv, sens)
+        if found:
+            save_impact(found, paths["impact"])
+        else:
+            paths["impact"].unlink(missing_ok=True)
     return Measurements(str(model), str(folder), paths["imatrix"], stats, sens, found, router)
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..core.artifacts import save_artifact
 from ..core.errors import CcmoeError
+from ..core.files import write_atomic
 from ..core.paths import cache_root
 from ..engine.build import Engine
 from ..engine.ggml import Ggml
@@ -29,6 +33,7 @@ SENSITIVITY_VERSION = 2
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K",
           "Q5_K", "Q6_K", "Q8_0")
 NEVER_QUANTIZED = ("norm", "router")   # llama-quantize keeps norms and the router as they are
+MAX_EXPERTS = 32                       # experts measured per tensor at most (a seeded sample beyond that)
 
 
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
@@ -63,11 +68,18 @@ def _rows_as_float(t, ggml: Ggml, index: np.ndarray) -> np.ndarray:
     return ggml.dequantize(int(kind), flat.tobytes(), len(index), n_per_row)
 
 
-def _sample_index(n_expert: int, rows_per_expert: int, want: int, rng: np.random.Generator) -> np.ndarray:
-    """Evenly spread rows within each expert, `want` per expert (all rows if fewer)."""
+def _sample_index(experts: np.ndarray, rows_per_expert: int, want: int, rng: np.random.Generator) -> np.ndarray:
+    """Evenly spread rows within each of `experts`, `want` per expert (all rows if fewer)."""
     take = min(want, rows_per_expert)
     per = np.sort(rng.choice(rows_per_expert, size=take, replace=False))
-    return (np.arange(n_expert)[:, None] * rows_per_expert + per[None, :]).ravel()
+    return (experts[:, None] * rows_per_expert + per[None, :]).ravel()
+
+
+def sample_experts(n_expert: int, max_experts: int, rng: np.random.Generator) -> np.ndarray:
+    """Which experts of a tensor are measured: all when few, else a seeded sample of `max_experts`."""
+    if n_expert <= max_experts:
+        return np.arange(n_expert)
+    return np.sort(rng.choice(n_expert, size=max_experts, replace=False))
 
 
 def tensor_errors(ggml: Ggml, rows: np.ndarray, n_expert: int, importance: np.ndarray | None,
@@ -93,10 +105,32 @@ def tensor_errors(ggml: Ggml, rows: np.ndarray, n_expert: int, importance: np.nd
     return out
 
 
+def _measure_one(ggml: Ggml, t, index: np.ndarray, experts: np.ndarray, imp: np.ndarray | None, types: tuple[str, ...],
+                 cache: Path | None) -> dict[str, np.ndarray]:
+    """One tensor's per-type errors of its sampled experts (ggml's C calls release the GIL: run in threads)."""
+    rows = _rows_as_float(t, ggml, index)
+    if imp is not None and imp.ndim > 1:
+        imp = imp[experts]
+    key = hashlib.sha256(b"".join([rows.tobytes(), b"" if imp is None else imp.tobytes(),
+                                   json.dumps([SENSITIVITY_VERSION, list(types)]).encode()])).hexdigest()
+    cached = cache / f"{key}.json" if cache else None
+    if cached and cached.is_file():
+        return {k: np.array(v) for k, v in json.loads(cached.read_text()).items()}
+    per_type = tensor_errors(ggml, rows, len(experts), imp, list(types))
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        write_atomic(cached, json.dumps({k: v.tolist() for k, v in per_type.items()}).encode())
+    return per_type
+
+
 def measure_sensitivity(engine: Engine, model: Path, imatrix: Path | None = None, expert_stats: dict | None = None,
                         types: tuple[str, ...] = LADDER, rows_per_expert: int = 16, seed: int = 0,
-                        use_cache: bool = True) -> dict:
-    """Per tensor: class, layer, bytes and relative error under each candidate type (plain data)."""
+                        use_cache: bool = True, max_experts: int = MAX_EXPERTS, threads: int | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
+    """Per tensor: class, layer, bytes and relative error under each candidate type (plain data).
+
+    At most `max_experts` experts x `rows_per_expert` rows of each tensor are measured, so the cost does not
+    grow with the model; tensors are measured in parallel over `threads` (default: every core)."""
     import gguf
 
     ggml = Ggml(engine)
@@ -106,42 +140,48 @@ def measure_sensitivity(engine: Engine, model: Path, imatrix: Path | None = None
         types = tuple(t for t in types if not ggml.requires_imatrix(gguf.GGMLQuantizationType[t].value))
     freq_by_layer = {int(k): np.array(v["frequency"]) for k, v in (expert_stats or {}).get("layers", {}).items()}
     rng = np.random.default_rng(seed)
-    cache = cache_root() / "sensitivity"
-    tensors = {}
+    cache = cache_root() / "sensitivity" if use_cache else None
+    jobs = []
     for t in (t for r in readers for t in r.tensors):
-        cls = classify_tensor(t.name)
         shape = [int(x) for x in t.shape]
-        if len(shape) < 2 or cls in NEVER_QUANTIZED:
+        if len(shape) < 2 or classify_tensor(t.name) in NEVER_QUANTIZED:
             continue
-        n_per_row = shape[0]
-        n_expert = shape[2] if len(shape) == 3 else 1
-        index = _sample_index(n_expert, shape[1], rows_per_expert, rng)
-        rows = _rows_as_float(t, ggml, index)
-        imp = importance.get(t.name)
-        key = hashlib.sha256(b"".join([rows.tobytes(), b"" if imp is None else imp.tobytes(),
-                                       json.dumps([SENSITIVITY_VERSION, list(types)]).encode()])).hexdigest()
-        cached = cache / f"{key}.json"
-        if use_cache and cached.is_file():
-            per_type = {k: np.array(v) for k, v in json.loads(cached.read_text()).items()}
-        else:
-            per_type = tensor_errors(ggml, rows, n_expert, imp, list(types))
-            cache.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps({k: v.tolist() for k, v in per_type.items()}))
+        experts = sample_experts(shape[2] if len(shape) == 3 else 1, max_experts, rng)
+        jobs.append((t, shape, experts, _sample_index(experts, shape[1], rows_per_expert, rng)))
+    if not jobs:
+        raise CcmoeError(f"{model} has no quantizable weight tensors", "pass a model GGUF, not an imatrix or vocabulary")
+    workers = max(1, min(threads or os.cpu_count() or 1, len(jobs)))
+    results = {}
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(_measure_one, ggml, t, index, experts, importance.get(t.name), types, cache): t.name
+                   for t, _, experts, index in jobs}
+        for done, f in enumerate(as_completed(futures), 1):
+            results[futures[f]] = f.result()
+            if progress:
+                progress(done, len(jobs))
+    tensors = {}
+    for t, shape, experts, _ in jobs:
+        per_type = results[t.name]
+        cls = classify_tensor(t.name)
         layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
+        n_expert = shape[2] if len(shape) == 3 else 1
         freq = freq_by_layer.get(layer) if cls == "routed_expert" else None
-        weights = freq if freq is not None and len(freq) == n_expert and freq.sum() > 0 else np.ones(n_expert)
+        freq = freq if freq is not None and len(freq) == n_expert and freq.sum() > 0 else None
+        weights = freq[experts] if freq is not None else np.ones(len(experts))
+        if weights.sum() <= 0:                 # only unused experts were sampled: count them equally
+            weights = np.ones(len(experts))
         n_rows = int(np.prod(shape[1:]))
         tensors[t.name] = {
             "class": cls, "layer": layer, "shape": shape, "source_type": t.tensor_type.name,
             "n_elements": int(np.prod(shape)),
-            "usage": float(weights.sum()) if freq is not None else 1.0,
+            "usage": float(freq.sum()) if freq is not None else 1.0,
             "error": {k: float((v * weights).sum() / weights.sum()) for k, v in per_type.items()},
-            "bytes": {k: ggml.row_size(gguf.GGMLQuantizationType[k].value, n_per_row) * n_rows for k in per_type},
+            "bytes": {k: ggml.row_size(gguf.GGMLQuantizationType[k].value, shape[0]) * n_rows for k in per_type},
         }
-    if not tensors:
-        raise CcmoeError(f"{model} has no quantizable weight tensors", "pass a model GGUF, not an imatrix or vocabulary")
+        if len(experts) < n_expert:
+            tensors[t.name]["experts_sampled"] = len(experts)
     return {"model": str(model), "imatrix": str(imatrix) if imatrix else None, "types": list(types),
-            "rows_per_expert": rows_per_expert, "tensors": tensors}
+            "rows_per_expert": rows_per_expert, "max_experts": max_experts, "tensors": tensors}
 
 
 def save_sensitivity(result: dict, path: Path, force: bool = True) -> Path:
@@ -192,6 +232,23 @@ def gaussian_table(engine: Engine, ggml: Ggml, types: tuple[str, ...]) -> dict[s
     return errors
 
 
+def layers_by_kind(inv) -> Counter:
+    """How many layers have each tensor kind (the priors share a kind's total over them)."""
+    return Counter(kind_of(t.name) for t in inv.tensors if t.name.startswith("blk."))
+
+
+def prior_impact_artifact(inv, sensitivity: dict) -> dict | None:
+    """Impact of every measured tensor from the shipped class priors of the model's family (None without any):
+    what the planner weighs errors by when probe builds are too expensive."""
+    measured = class_priors(inv.arch)
+    if not measured:
+        return None
+    n_layer, kinds = max(summarize(inv).n_layers, 1), layers_by_kind(inv)
+    impact = {n: prior_impact(measured, n, t["layer"], n_layer, kinds[kind_of(n)]) for n, t in sensitivity["tensors"].items()}
+    return {"model": inv.source, "source": f"class priors: {measured['source']}", "prior": True, "groups": {},
+            "impact": {n: v for n, v in impact.items() if v is not None}}
+
+
 def prior_sensitivity(engine: Engine, inv, types: tuple[str, ...] = LADDER) -> dict:
     """Sensitivity of every tensor of an inventory from Gaussian-row errors and impact priors by tensor kind."""
     import gguf
@@ -201,7 +258,7 @@ def prior_sensitivity(engine: Engine, inv, types: tuple[str, ...] = LADDER) -> d
     summary = summarize(inv)
     n_layer, share = max(summary.n_layers, 1), summary.n_expert_used / max(summary.n_expert, 1)
     measured = class_priors(inv.arch)
-    kind_layers = Counter(kind_of(t.name) for t in inv.tensors if t.name.startswith("blk."))
+    kind_layers = layers_by_kind(inv)
     tensors = {}
     for t in inv.tensors:
         cls = classify_tensor(t.name)
