@@ -255,12 +255,17 @@ def inv_bytes(inv) -> int:
     return sum(t.n_bytes for t in inv.tensors)
 
 
+def _measured(device) -> Factors:
+    """The test factors as if `calibrate` had measured them (placement then tunes -ub and the KV type)."""
+    return replace(_factors(device), source="measured (test)")
+
+
 def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model, tmp_path):
     inv = read_gguf(q4_model)
     device = _gpu_profile(tmp_path, 0.18)
-    fixed = P.place(inv, device, _factors(device), L.Settings(ctx=1024, kv_type="f16", margin_bytes=8 * MIB,
-                                                              ubatch_auto=False))
-    auto = P.place(inv, device, _factors(device), _settings())
+    fixed = P.place(inv, device, _measured(device), L.Settings(ctx=1024, kv_type="f16", margin_bytes=8 * MIB,
+                                                               ubatch_auto=False))
+    auto = P.place(inv, device, _measured(device), _settings())
     assert fixed.settings.ubatch == 512 and "-ub" in fixed.bench_args()
     if auto.settings.ubatch == 256:
         assert auto.predicted_empty.decode_tps >= fixed.predicted_empty.decode_tps * P.UBATCH_MIN_GAIN
@@ -269,8 +274,38 @@ def test_a_halved_ubatch_is_chosen_only_when_its_room_buys_decode_speed(q4_model
         assert auto.bench_args()[auto.bench_args().index("-ub") + 1] == "256"
     else:
         assert auto.tensors == fixed.tensors
-    big = P.place(inv, _gpu_profile(tmp_path, 8.0, "big"), _factors(device), _settings())
+    big = P.place(inv, _gpu_profile(tmp_path, 8.0, "big"), _measured(device), _settings())
     assert big.settings.ubatch == 512                           # nothing in host memory: llama.cpp's default
+
+
+# llama-server's defaults for what prompt speed depends on (common/common.h: n_batch 2048, n_ubatch 512, f16 KV;
+# mmap loading, pinned host buffers, op offload on): an uncalibrated placement never departs from them.
+SERVER_DEFAULTS = {"-b": "2048", "-ub": "512"}
+NOT_DEFAULT_FLAGS = ("-ctk", "-ctv", "-lm", "--no-host", "--no-op-offload")
+
+
+@pytest.mark.parametrize("gpu_gb", [0.15, 0.18, 0.3, 8.0])
+def test_an_uncalibrated_placement_keeps_what_llama_servers_default_keeps(q4_model, tmp_path, gpu_gb):
+    """Whatever the card's size: llama-server's -b/-ub, load mode and host buffers, f16 KV unless only q8_0 fits, and
+    every tensor besides routed experts on the GPU (where --fit keeps them). At 0.18 GB a calibrated placement
+    halves -ub and takes q8_0 KV for decode speed; uncalibrated, it does not."""
+    inv = read_gguf(q4_model)
+    device = _gpu_profile(tmp_path, gpu_gb)
+    settings = L.Settings(ctx=1024, margin_bytes=8 * MIB)          # kv_type auto, ubatch auto: what serve passes
+    p = P.place(inv, device, _factors(device), settings)
+    args = p.server_args()
+    for flag, value in SERVER_DEFAULTS.items():
+        assert args[args.index(flag) + 1] == value
+    assert not any(f in args for f in NOT_DEFAULT_FLAGS if p.kv_type == "f16" or not f.startswith("-ct"))
+    if p.kv_type != "f16":
+        with pytest.raises(CcmoeError, match="does not fit"):
+            P.place(inv, device, _factors(device), replace(settings, kv_type="f16"))
+    assert all(w == "gpu" for n, w in p.tensors.items() if "_exps" not in n and not n.startswith("token_embd."))
+    if p.has_host_weights:
+        assert P.UNCALIBRATED_NOTE in p.notes
+    if gpu_gb == 0.18:
+        tuned = P.place(inv, device, _measured(device), settings)
+        assert (tuned.settings.ubatch, tuned.kv_type) != (512, "f16")
 
 
 # GPU memory beyond llama.cpp's buffers that a trial run measured on the H100 (690-735 MiB, docs/engine.md)

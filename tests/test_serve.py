@@ -114,3 +114,51 @@ def test_no_orphan_server_when_ccmoe_run_is_killed(engine):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert _wait_gone(ready["pid"]), "llama-server outlived a killed ccmoe-run"
+
+
+def _serve_json(model, *extra: str) -> dict:
+    """One `ccmoe-run serve --json --no-warmup` of `model`: its ready line, then SIGTERM (the server stops)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ccmoe_runtime.cli", "serve", "--model", str(model), "--device",
+                             "auto", "--port", "0", "--ctx", "256", "--json", "--no-warmup", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(30)
+            return {"returncode": proc.returncode, "stderr": proc.stderr.read()}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        return json.loads(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_a_second_start_takes_the_placement_from_the_start_cache(engine, bundled_model, tmp_path):
+    """The first start places and stores; the second of the same model, engine, device and settings reuses it
+    (no dry run); other settings or --no-start-cache place again; an entry whose server fails to start is dropped."""
+    import shutil
+
+    from ccmoe_runtime.core.artifacts import load_artifact, save_artifact
+    from ccmoe_runtime.placement.startcache import START_KIND, START_VERSION, entry_path
+
+    model = shutil.copy(bundled_model, tmp_path / "copy.gguf")        # a model the cache has not seen
+    first = _serve_json(model)
+    second = _serve_json(model)
+    assert (first["start_cache"], second["start_cache"]) == ("stored", "hit")
+    assert second["overrides"] == first["overrides"] and second["kv_type"] == first["kv_type"]
+    assert second["predicted_memory_bytes"] == first["predicted_memory_bytes"]
+    assert _serve_json(model, "--no-start-cache")["start_cache"] == "off"
+    assert _serve_json(model, "--parallel", "2")["start_cache"] == "stored"       # other settings: another key
+    entries = [p for p in entry_path("x").parent.glob("*.json")
+               if load_artifact(p, START_KIND, START_VERSION)["placement"]["model"] == str(model)]
+    assert len(entries) == 2
+    doc = load_artifact(entries[0], START_KIND, START_VERSION)
+    doc["placement"]["overrides"] = ["blk\\.0\\.=NO_SUCH_BUFFER"]                   # a placement that cannot start
+    save_artifact(entries[0], START_KIND, START_VERSION, {k: v for k, v in doc.items() if k not in ("schema", "version")})
+    failed = [r for r in (_serve_json(model), _serve_json(model, "--parallel", "2")) if "returncode" in r]
+    assert len(failed) == 1 and failed[0]["returncode"] != 0 and "Traceback" not in failed[0]["stderr"]
+    assert not entries[0].exists()
+    os.utime(model)                                                               # the file changed: place again
+    assert _serve_json(model)["start_cache"] == "stored"

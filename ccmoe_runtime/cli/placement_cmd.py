@@ -107,7 +107,8 @@ def place(model, device, ctx, parallel, kv_type, stats_file, calibration, load_m
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="Device profile name, a .toml path, or auto.")
 @click.option("-o", "--out", type=OUTPUT, default=None,
               help="Calibration to write (default: the cache's, which serve and place then use).")
-@click.option("--size-mb", type=COUNT, default=None, help="Size of each medium model (default: 1500 on GPUs, 200 on CPUs).")
+@click.option("--size-mb", type=COUNT, default=None,
+              help="Size of each medium model (default: 1500 on GPUs; on CPUs 200 or 4x the last-level cache).")
 @click.option("--types", default=None, help="Weight types to measure, comma-separated (default: q8_0,q4_0 on GPUs, "
                                             "f16,q8_0,q4_0 on CPUs; K and IQ types such as q4_k, q2_k, iq2_xxs "
                                             "are made with llama-quantize).")

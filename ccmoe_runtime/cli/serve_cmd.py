@@ -41,14 +41,17 @@ def read_api_key(key_file: Path | None) -> str | None:
 @placement_options
 @click.option("--dry-run", is_flag=True, help="Print the llama-server command line, predicted memory and speed; exit.")
 @click.option("--warmup/--no-warmup", default=True, help="Send one streamed chat request and report tokens/s.")
+@click.option("--start-cache/--no-start-cache", default=True, show_default=True,
+              help="Reuse the placement of an earlier start with the same model, engine, device and settings (no "
+                   "dry run or trial run); --no-start-cache places again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ready message as JSON.")
 def serve(model, host, port, api_key_file, cors_origins, device, ctx, parallel, kv_type, stats_file, calibration,
-          load_mode, cpu_repack, trial, llama_cpp_dir, dry_run, warmup, as_json) -> None:
+          load_mode, cpu_repack, trial, llama_cpp_dir, dry_run, warmup, start_cache, as_json) -> None:
     """Start llama-server with an OpenAI-compatible API on MODEL, placed for DEVICE; Ctrl-C stops it."""
     settings = Settings(ctx=ctx, parallel=parallel, kv_type=kv_type, load_mode=load_mode, cpu_repack=cpu_repack)
     eng = engine_for(device, llama_cpp_dir, required=not dry_run)
     plan = plan_server(eng, model, device, settings, host, port, read_api_key(api_key_file), cors_origins,
-                       stats_file, calibration, trial and not dry_run)
+                       stats_file, calibration, trial and not dry_run, start_cache)
     for warning in plan.warnings:
         click.echo(f"ccmoe-run: warning: {warning}", err=True)
     if dry_run:

@@ -46,21 +46,32 @@ def read_amd_sysfs(root: Path = Path("/sys/class/drm")) -> list[dict]:
     return gpus
 
 
-def read_nvidia_smi() -> list[dict]:
+def read_nvidia_smi(links: bool = True) -> list[dict]:
+    """NVIDIA GPUs as nvidia-smi reports them: name, total and free MiB, and (`links`) the PCIe link's generation
+    and width (0 where it cannot tell: a VM may answer [N/A])."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return []
+    gpus = []
+    for parts in _smi_rows(exe, "name,memory.total,memory.free"):
+        if len(parts) == 3 and parts[1].isdigit():
+            gpus.append({"name": parts[0], "memory_total_mib": int(parts[1]), "memory_free_mib": int(parts[2])})
+    rows = _smi_rows(exe, "pcie.link.gen.max,pcie.link.width.max") if gpus and links else []
+    for g, parts in zip(gpus, rows):
+        g["pcie_gen"], g["pcie_width"] = (int(x) if x.isdigit() else 0 for x in (parts + ["", ""])[:2])
+    return gpus
+
+
+def _smi_rows(exe: str, fields: str) -> list[list[str]]:
+    """One nvidia-smi --query-gpu answer, a list of fields per GPU ([] when it fails)."""
     try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+        out = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    gpus = []
-    for line in out.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3 and parts[1].isdigit():
-            gpus.append({"name": parts[0], "memory_total_mib": int(parts[1]), "memory_free_mib": int(parts[2])})
-    return gpus
+    if out.returncode != 0:
+        return []
+    return [[p.strip() for p in line.split(",")] for line in out.stdout.strip().splitlines()]
 
 
 def _cpu_name() -> str:
@@ -94,6 +105,36 @@ def read_host() -> HostFacts:
 ASSUMED_CPU_BANDWIDTH_GBS = 60.0      # dual-channel DDR5, measured ~60-62 GB/s
 ASSUMED_STRIX_BANDWIDTH_GBS = 212.0   # Ryzen AI Max+ 395, rocm_bandwidth_test ~212-215 GB/s
 ASSUMED_PCIE_GBS = 25.0               # PCIe Gen4 x16, real
+ASSUMED_GPU_BANDWIDTH_GBS = 900.0     # an NVIDIA card not in NVIDIA_BANDWIDTH_GBS
+# Real PCIe x16 copy rates by generation: Gen4 ~25 GB/s, Gen5 ~50 (shared/device-facts.md); each generation doubles
+# the per-lane rate (PCI-SIG), so Gen3 is half of Gen4. Scaled by the link's width.
+PCIE_X16_GBS = {3: 12.5, 4: 25.0, 5: 50.0, 6: 100.0}
+# Memory bandwidth (GB/s) by nvidia-smi name, first match wins (case-insensitive substrings, all must appear).
+NVIDIA_BANDWIDTH_GBS = (
+    (("h200",), 4800.0, "NVIDIA H200 datasheet: 4.8 TB/s HBM3e"),
+    (("h100", "nvl"), 3900.0, "NVIDIA H100 datasheet: H100 NVL 3.9 TB/s"),
+    (("h100", "pcie"), 2000.0, "NVIDIA H100 datasheet: H100 PCIe 2.0 TB/s"),
+    (("h100",), 3350.0, "NVIDIA H100 datasheet: H100 SXM 3.35 TB/s"),
+    (("a100", "80gb", "pcie"), 1935.0, "NVIDIA A100 datasheet: 80 GB PCIe 1,935 GB/s"),
+    (("a100", "80gb"), 2039.0, "NVIDIA A100 datasheet: 80 GB SXM 2,039 GB/s"),
+    (("a100",), 1555.0, "NVIDIA A100 datasheet: 40 GB 1,555 GB/s"),
+    (("rtx 5090",), 1792.0, "NVIDIA: RTX 5090 1,792 GB/s (shared/device-facts.md)"),
+    (("rtx 4090",), 1008.0, "NVIDIA: RTX 4090 1,008 GB/s (shared/device-facts.md)"),
+    (("rtx 3090",), 936.0, "NVIDIA: RTX 3090 936 GB/s (shared/device-facts.md)"),
+)
+
+
+def nvidia_bandwidth(name: str) -> tuple[float, str] | None:
+    """(GB/s, source) of an NVIDIA card by its nvidia-smi name; None for a card the table does not know."""
+    low = name.lower()
+    return next(((bw, src) for words, bw, src in NVIDIA_BANDWIDTH_GBS if all(w in low for w in words)), None)
+
+
+def pcie_gbs(gen: int, width: int) -> float | None:
+    """Real CPU<->GPU copy rate of a PCIe link (None when nvidia-smi did not tell the generation)."""
+    if gen not in PCIE_X16_GBS:
+        return None
+    return round(PCIE_X16_GBS[gen] * (width or 16) / 16, 1)
 
 
 def profile_from_facts(f: HostFacts) -> DeviceProfile:
@@ -107,11 +148,17 @@ def profile_from_facts(f: HostFacts) -> DeviceProfile:
         g = f.nvidia_gpus[0]
         vram_gb = g["memory_total_mib"] * 1024**2 / GB
         notes.append(f"measured: {g['name']} {g['memory_total_mib']} MiB total, {g['memory_free_mib']} MiB free (nvidia-smi)")
-        notes.append(f"assumed: CPU bandwidth {ASSUMED_CPU_BANDWIDTH_GBS} GB/s, PCIe {ASSUMED_PCIE_GBS} GB/s, "
-                     "GPU bandwidth 900 GB/s (run `ccmoe-run calibrate` to measure)")
-        gpu = MemoryPool("vram", "gpu", round(vram_gb, 2), 0.94, 900.0)
+        known = nvidia_bandwidth(g["name"])
+        gpu_bw = known[0] if known else ASSUMED_GPU_BANDWIDTH_GBS
+        notes.append(f"GPU bandwidth {gpu_bw:g} GB/s ({known[1]})" if known else
+                     f"assumed: GPU bandwidth {gpu_bw:g} GB/s ({g['name']} is not in the card table)")
+        link = pcie_gbs(g.get("pcie_gen", 0), g.get("pcie_width", 0))
+        notes.append(f"measured: PCIe Gen{g['pcie_gen']} x{g.get('pcie_width') or 16} (nvidia-smi), ~{link:g} GB/s real"
+                     if link else f"assumed: PCIe {ASSUMED_PCIE_GBS:g} GB/s (Gen4 x16; nvidia-smi did not tell the link)")
+        notes.append(f"assumed: CPU bandwidth {ASSUMED_CPU_BANDWIDTH_GBS:g} GB/s (run `ccmoe-run calibrate` to measure)")
+        gpu = MemoryPool("vram", "gpu", round(vram_gb, 2), 0.94, gpu_bw)
         return DeviceProfile("auto", f"this host: {f.cpu_name} + {g['name']}", "cuda", f.physical_cores,
-                             reserve, [gpu, cpu_pool], ASSUMED_PCIE_GBS, notes=notes, source="auto")
+                             reserve, [gpu, cpu_pool], link or ASSUMED_PCIE_GBS, notes=notes, source="auto")
     if f.amd_gpus:
         g = max(f.amd_gpus, key=lambda x: x["gtt_bytes"] + x["vram_bytes"])
         visible = (g["vram_bytes"] + g["gtt_bytes"]) / GB
@@ -139,6 +186,22 @@ def profile_from_facts(f: HostFacts) -> DeviceProfile:
 
 def detect_host() -> DeviceProfile:
     return profile_from_facts(read_host())
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the CPU's largest cache level (Linux sysfs), None where it cannot be read."""
+    best: tuple[int, int] | None = None
+    for index in root.glob("index[0-9]*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit() and (best is None or level > best[0]):
+            best = (level, int(digits) * unit)
+    return best[1] if best else None
 
 
 def environment_threads() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..core.files import check_writable
 from ..core.units import MIB
-from ..devices.detect import environment_threads, read_nvidia_smi
+from ..devices.detect import environment_threads, last_level_cache_bytes, read_nvidia_smi
 from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
 from ..engine.tools import fit_print, llama_bench, quantize, run_tool
@@ -83,6 +83,17 @@ def medium_spec(size_mb: int, qtype: str, wide: bool) -> SynthSpec:
     layers = max(2, round(size_mb * 1e6 / per_layer))
     return SynthSpec(arch="qwen3moe", name=f"cal-medium-{qtype}", n_embd=n_embd, n_layer=layers, n_head=16,
                      n_head_kv=4, head_dim=128, n_expert=32, n_expert_used=4, n_ff_exp=n_ff, seed=12)
+
+
+CACHE_MULTIPLE = 4          # a CPU host's medium models are this many times its last-level cache
+
+
+def default_size_mb(main: str, llc_bytes: int | None) -> int:
+    """Medium-model size: 1500 MB on GPU hosts; on CPU hosts 200 MB or CACHE_MULTIPLE x the last-level cache if
+    larger (a model that fits a 300 MiB L3 decodes from the cache, not from RAM, and overstates bandwidth 2-3x)."""
+    if main == "gpu":
+        return 1500
+    return max(200, round(CACHE_MULTIPLE * (llc_bytes or 0) / 1e6))
 
 
 def bytes_per_weight(qtype: str) -> float:
@@ -297,8 +308,8 @@ class GpuPeak:
 
     def __init__(self):
 
-        self.read = read_nvidia_smi
-        gpus = read_nvidia_smi()
+        self.read = lambda: read_nvidia_smi(links=False)
+        gpus = self.read()
         self.before = (gpus[0]["memory_total_mib"] - gpus[0]["memory_free_mib"]) if gpus else 0
         self.peak = self.before
         self.running = True
@@ -471,7 +482,7 @@ def calibrate(engine: Engine, device: DeviceProfile, out: Path | None = None, si
     if main == "gpu" and engine.backend == "cpu":
         raise CcmoeError(f"device {device.name} has a GPU but the engine is a CPU build",
                          f"build one with `ccmoe-run engine build --backend {device.backend}`", EXIT_ENGINE)
-    size_mb = size_mb or (1500 if main == "gpu" else 200)
+    size_mb = size_mb or default_size_mb(main, last_level_cache_bytes())
     types = types or (["q8_0", "q4_0"] if main == "gpu" else ["f16", "q8_0", "q4_0"])
     say = progress or (lambda _msg: None)
     started = time.monotonic()

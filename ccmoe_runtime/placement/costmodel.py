@@ -66,6 +66,11 @@ class Factors:
     repack: dict = field(default_factory=dict)
     source: str = "defaults"
 
+    @property
+    def measured(self) -> bool:
+        """Whether `calibrate` measured these factors on this host (else they are the profile's defaults)."""
+        return self.source.startswith("measured")
+
     def layer_cost(self, width: int | None) -> float:
         """Seconds per layer per decoded token for layers `width` wide: between the two measured widths
         interpolated, outside them the nearer measurement (no extrapolation)."""
@@ -75,13 +80,20 @@ class Factors:
         return self.layer_s + x * (self.layer_s_wide - self.layer_s)
 
     def eff(self, where: str, ggml_type: str, slow_types: list[str] | None = None) -> float:
-        """Efficiency of decode reads of `ggml_type` from `where` (gpu, cpu or unified)."""
+        """Efficiency of decode reads of `ggml_type` from `where` (gpu, cpu or unified): as measured, else the
+        lowest efficiency measured in that pool (a calibrated pool's scale, not the profile's guess), else the
+        default; a device's slow type not measured counts at SLOW_TYPE_EFFICIENCY of that."""
         t = ggml_type.lower()
         value = self.efficiency.get(f"{where}:{t}") or self.efficiency.get(f"{where}:*") \
-            or DEFAULT_EFFICIENCY.get(where, 0.5)
+            or self.pool_floor(where) or DEFAULT_EFFICIENCY.get(where, 0.5)
         if slow_types and t in [s.lower() for s in slow_types] and f"{where}:{t}" not in self.efficiency:
             value *= SLOW_TYPE_EFFICIENCY
         return value
+
+    def pool_floor(self, where: str) -> float | None:
+        """The lowest efficiency calibration measured for any type in `where`, None when it measured none."""
+        measured = [v for k, v in self.efficiency.items() if k.startswith(f"{where}:") and v > 0]
+        return min(measured) if measured else None
 
     def with_repack(self) -> "Factors":
         """These factors with host-memory weights in llama.cpp's (repacking) CPU buffers, as calibrated."""
@@ -106,7 +118,7 @@ def host_fingerprint() -> dict:
     import psutil
 
     return {"cpu": _cpu_name(), "cores": psutil.cpu_count(logical=False) or 0, "machine": platform.machine(),
-            "gpus": [g["name"] for g in read_nvidia_smi()]}
+            "gpus": [g["name"] for g in read_nvidia_smi(links=False)]}
 
 
 def calibration_path(device: DeviceProfile, backend: str | None = None) -> Path:

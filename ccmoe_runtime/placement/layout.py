@@ -132,3 +132,13 @@ def save_placement(p: Placement, path: Path, force: bool = False) -> Path:
 def load_placement(path: Path) -> dict:
     """A placement artifact as data (the per-tensor pools under `tensors`)."""
     return load_artifact(path, PLACEMENT_KIND, PLACEMENT_VERSION)
+
+
+def placement_from_dict(d: dict) -> Placement:
+    """A Placement back from its `to_dict()` (a saved placement or start-cache entry)."""
+    fields = {k: v for k, v in d.items() if k in Placement.__dataclass_fields__}
+    fields["settings"] = Settings(**d["settings"])
+    fields["memory"] = {k: PoolUse(**{f: v for f, v in u.items() if f != "total"}) for k, u in d["memory"].items()}
+    fields["predicted"] = Prediction(**d["predicted"])
+    fields["predicted_empty"] = Prediction(**d["predicted_empty"])
+    return Placement(**fields)

@@ -20,7 +20,7 @@ def live_gpu_free_bytes(device: DeviceProfile) -> int | None:
     if device.source != "auto":
         return None
 
-    gpus = read_nvidia_smi()
+    gpus = read_nvidia_smi(links=False)
     return gpus[0]["memory_free_mib"] * MIB if gpus else None
 
 

@@ -30,6 +30,7 @@ from .costmodel import (
     Factors,
     Prediction,
     TensorLoad,
+    calibration_path,
     check_kv_type,
     load_factors,
     main_pool,
@@ -47,7 +48,10 @@ from .memory import (
     pool_use,
 )
 from .rules import override_rules, rule_matches
+from .startcache import cached_placement, entry_path, remember, start_key
 
+UNCALIBRATED_NOTE = ("not calibrated: llama-server's own -b/-ub and f16 KV cache are kept, so prompts run as with its "
+                     "defaults; after `ccmoe-run calibrate` they are tuned when the prediction says it pays")
 UBATCH_MIN_GAIN = 1.01               # a halved -ub only when the memory it frees buys at least 1% decode speed
 UBATCH_MIN_PROMPT = 0.75             # ... and keeps at least 75% of the predicted prompt speed
 KV_Q8_MIN_GAIN = 1.05                # q8_0 KV only when it buys at least 5% decode speed at the planned context
@@ -215,6 +219,9 @@ def _place(inv: ModelInventory, device: DeviceProfile, factors: Factors, setting
     first = _place_at(inv, device, factors, settings, engine, model, stats)
     if not (settings.ubatch_auto and first.has_host_weights and settings.ubatch >= 128):
         return first
+    if not factors.measured:                      # an uncalibrated prompt prediction cannot justify a slower -ub
+        first.notes.append(UNCALIBRATED_NOTE)
+        return first
     half = replace(settings, ubatch=settings.ubatch // 2)
     second = _place_at(inv, device, factors, half, engine, model, stats)
     a, b = first.predicted_empty, second.predicted_empty
@@ -240,10 +247,12 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
     kv_types = ["f16", "q8_0"] if settings.kv_type == "auto" else [check_kv_type(settings.kv_type)]
     best = None
     for kv_type in kv_types:
+        if best and fits(best[2]) and not factors.measured:
+            break                                 # uncalibrated: llama-server's f16 KV cache whenever it fits
         where, use, source = _place_once(cx, kv_type, engine, model, caps)
         pred = _predict(cx, where, kv_type, depth)
-        better = best is None or (fits(use) and not fits(best[2])) or \
-            (fits(use) == fits(best[2]) and pred.decode_tps > best[3].decode_tps * KV_Q8_MIN_GAIN)
+        faster = factors.measured and pred.decode_tps > best[3].decode_tps * KV_Q8_MIN_GAIN if best else True
+        better = best is None or (fits(use) and not fits(best[2])) or (fits(use) == fits(best[2]) and faster)
         if better:
             best = (kv_type, where, use, pred, source)
     kv_type, where, use, pred, source = best
@@ -267,7 +276,7 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
 
 def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: Factors) -> list[str]:
     """A note naming the weight types this host's calibration did not measure in the pool that holds them (their
-    speed is the profile's guess), with the command that measures them."""
+    speed is taken as the pool's slowest measured type), with the command that measures them."""
     if not factors.source.startswith("measured"):
         return []
     missing = sorted({ld.ggml_type.lower() for ld in loads if ld.ggml_type.lower() != "f32"
@@ -277,7 +286,8 @@ def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: 
     if not missing:
         return []
     measured = sorted({k.split(":")[1] for k in factors.efficiency})
-    return [f"no calibrated speed for {', '.join(missing)} on this host (guessed from the profile): "
+    return [f"no calibrated speed for {', '.join(missing)} on this host (taken as the slowest type "
+            f"measured in their pool): "
             f"`ccmoe-run calibrate --types {','.join(measured + missing)}` measures them"]
 
 
@@ -376,24 +386,38 @@ def repredict(p: Placement, inv: ModelInventory, device: DeviceProfile, factors:
 
 @dataclass
 class PlacedModel:
-    """A placement with what it was made from: the model's inventory, the speed factors and expert statistics."""
+    """A placement with what it was made from: the model's inventory, the speed factors and expert statistics, and
+    what the start cache did (off, stored: placed and kept, hit: taken from it without measuring)."""
 
     inventory: ModelInventory
     factors: Factors
     stats: dict | None
     placement: Placement
+    start_cache: str = "off"
+    start_key: str | None = None
 
 
 def place_model(engine: Engine | None, model: Path, device: DeviceProfile, settings: Settings,
-                stats_file: Path | None = None, calibration: Path | None = None, trial: bool = False) -> PlacedModel:
+                stats_file: Path | None = None, calibration: Path | None = None, trial: bool = False,
+                start_cache: bool = False) -> PlacedModel:
     """Place the GGUF at `model` on `device`: memory measured with the engine's dry run when there is one, speed
-    factors from this host's calibration (or `calibration`), expert usage from `stats_file` (else uniform)."""
+    factors from this host's calibration (or `calibration`), expert usage from `stats_file` (else uniform). With
+    `start_cache`, a placement made before from the same inputs is reused (see startcache.py)."""
     check_settings(settings)
     inv = read_gguf(model)
     require_moe(summarize(inv), str(model))
     stats = load_expert_stats(stats_file) if stats_file else None
     factors = load_factors(device, calibration)
-    return PlacedModel(inv, factors, stats, place(inv, device, factors, settings, engine, model, stats, trial=trial))
+    if not start_cache:
+        return PlacedModel(inv, factors, stats, place(inv, device, factors, settings, engine, model, stats, trial=trial))
+    key = start_key(model, engine, device, settings, calibration or calibration_path(device), stats_file, trial)
+    hit = cached_placement(key)
+    if hit is not None:
+        hit.notes.append(f"placement from the start cache ({entry_path(key)}): no dry run or trial run this time")
+        return PlacedModel(inv, factors, stats, hit, "hit", key)
+    placed = place(inv, device, factors, settings, engine, model, stats, trial=trial)
+    stored = remember(key, placed)
+    return PlacedModel(inv, factors, stats, placed, "stored" if stored else "off", key)
 
 
 def check_settings(settings: Settings) -> None:

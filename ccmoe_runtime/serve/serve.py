@@ -4,6 +4,7 @@ streamed request, and keep serving until Ctrl-C or SIGTERM (the server never out
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..engine.server import (
 )
 from ..placement.layout import Settings
 from ..placement.search import PlacedModel, place_model, repredict
+from ..placement.startcache import forget
 from ..placement.summary import summary_lines
 
 WARMUP_TOKENS = 48
@@ -40,6 +42,7 @@ class ServerPlan:
     command: list[str]
     placed: PlacedModel
     warnings: list[str] = field(default_factory=list)
+    placed_s: float = 0.0           # seconds from the process's start until the placement was made
 
     def to_dict(self) -> dict:
         return {"command": self.command, "placement": self.placed.placement.to_dict(), "warnings": self.warnings}
@@ -63,6 +66,8 @@ class ServeReady:
     predicted_memory_bytes: dict[str, int]
     predicted_prompt_tokens_per_s: float
     predicted_generation_tokens_per_s: float
+    start_cache: str = "off"        # hit: placement reused without measuring; stored: placed and kept; off
+    placed_s: float = 0.0           # seconds from ccmoe-run's start to the placement (before llama-server starts)
     warmup: dict | None = None      # measured and predicted tok/s of one streamed request, llama-server's RSS
 
     def to_dict(self) -> dict:
@@ -85,12 +90,14 @@ class ServeReady:
 
 def plan_server(engine: Engine | None, model: Path, device: DeviceProfile, settings: Settings, host: str = "127.0.0.1",
                 port: int = 8080, api_key: str | None = None, cors_origins: str = "localhost",
-                stats_file: Path | None = None, calibration: Path | None = None, trial: bool = False) -> ServerPlan:
-    """Place `model` and spell out the llama-server command (no server started)."""
+                stats_file: Path | None = None, calibration: Path | None = None, trial: bool = False,
+                start_cache: bool = True) -> ServerPlan:
+    """Place `model` (or take its placement from the start cache) and spell out the llama-server command (no server
+    started)."""
     check_port(port)
     resolve_host(host, port)
     check_cors_origins(cors_origins)
-    placed = place_model(engine, model, device, settings, stats_file, calibration, trial)
+    placed = place_model(engine, model, device, settings, stats_file, calibration, trial, start_cache)
     p = placed.placement
     cfg = ServerConfig(model=model, host=host, port=port, ctx=settings.ctx, parallel=settings.parallel,
                        threads=p.threads, api_key=api_key, cors_origins=cors_origins, extra_args=p.server_args())
@@ -100,7 +107,12 @@ def plan_server(engine: Engine | None, model: Path, device: DeviceProfile, setti
                         "use the model (set CCMOE_API_KEY or --api-key-file)")
     if cors_origins == "*" and not api_key:
         warnings.append("--cors-origins '*' without an API key lets every web page you open use the model")
-    return ServerPlan(cfg, server_command(engine, cfg), placed, warnings)
+    return ServerPlan(cfg, server_command(engine, cfg), placed, warnings, round(process_age_s(), 3))
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (psutil), what a user waits before llama-server starts."""
+    return max(time.time() - psutil.Process().create_time(), 0.0)
 
 
 def check_port(port: int) -> None:
@@ -144,12 +156,18 @@ def ready_report(server: LlamaServer, engine: Engine, device: DeviceProfile, pla
                       predicted_memory_bytes={k: u.total for k, u in p.memory.items()},
                       predicted_prompt_tokens_per_s=p.predicted_empty.prompt_tps,
                       predicted_generation_tokens_per_s=p.predicted_empty.decode_tps,
+                      start_cache=plan.placed.start_cache, placed_s=plan.placed_s,
                       warmup=warm_up(server, plan.placed, device) if warmup else None)
 
 
 def serve_model(engine: Engine, plan: ServerPlan, device: DeviceProfile, warmup: bool = True, on_ready=None) -> int:
     """Start the planned server, warm it up, hand the ready report to `on_ready`, and serve until stopped."""
     server = LlamaServer(engine, plan.config)
-    server.start()
+    try:
+        server.start()
+    except CcmoeError:
+        if plan.placed.start_key:                 # a placement that did not start is not kept for the next one
+            forget(plan.placed.start_key)
+        raise
     return serve_forever(server, lambda: on_ready(ready_report(server, engine, device, plan, warmup))
                          if on_ready else None)
