@@ -35,7 +35,7 @@ def test_every_figure_cites_a_source():
         lines = path.read_text().splitlines()
         assert any("Sources:" in ln for ln in lines[:6]), f"{path.name} has no Sources header"
         for i, ln in enumerate(lines):
-            if re.match(r"\s*(bandwidth_gbs|capacity_gb|link_bandwidth_gbs|gpu_visible_gb)\s*=", ln):
+            if re.match(r"\s*(bandwidth_gbs|capacity_gb|link_bandwidth_gbs|gpu_visible_gb|carve_out_gb)\s*=", ln):
                 commented = "#" in ln or lines[i - 1].lstrip().startswith("#")
                 assert commented, f"{path.name}:{i + 1} has a figure without a source comment"
 

@@ -25,6 +25,8 @@ class HostFacts:
     nvidia_gpus: list[dict] = field(default_factory=list)     # name, memory_total_mib, memory_free_mib
     amd_gpus: list[dict] = field(default_factory=list)        # card, device_id, vram_bytes, gtt_bytes
     apple_chip: str | None = None
+    apple_wired_limit_mb: int = 0         # sysctl iogpu.wired_limit_mb (0: macOS's default working-set limit)
+    backend: str | None = None            # the backend asked for (CCMOE_BACKEND, as scripts/setup.sh builds it)
 
 
 def read_amd_sysfs(root: Path = Path("/sys/class/drm")) -> list[dict]:
@@ -98,7 +100,18 @@ def read_host() -> HostFacts:
         facts.amd_gpus = read_amd_sysfs()
     if facts.system == "Darwin":
         facts.apple_chip = facts.cpu_name
+        facts.apple_wired_limit_mb = read_wired_limit_mb()
+    facts.backend = os.environ.get("CCMOE_BACKEND") or None
     return facts
+
+
+def read_wired_limit_mb() -> int:
+    """macOS's GPU wired-memory limit as set with `sudo sysctl iogpu.wired_limit_mb=N` (0 when unset or unknown)."""
+    try:
+        out = subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else 0
 
 
 # Assumed figures when nothing better is measured (sources: shared device-facts, see devices/data/*.toml).
@@ -122,6 +135,17 @@ NVIDIA_BANDWIDTH_GBS = (
     (("rtx 4090",), 1008.0, "NVIDIA: RTX 4090 1,008 GB/s (shared/device-facts.md)"),
     (("rtx 3090",), 936.0, "NVIDIA: RTX 3090 936 GB/s (shared/device-facts.md)"),
 )
+
+
+# Strix Halo's backends (shared/device-facts.md): Vulkan RADV maps the whole GTT pool and is usually best for decode;
+# ROCm's hipMalloc stays inside the BIOS carve-out (unless unified memory is enabled), is better at prompts, and
+# loads large models without mmap (mmap loading can hang).
+APU_BACKEND_NOTES = {
+    "vulkan": "Vulkan maps the carve-out and GTT ({visible:.1f} GB); ROCm (CCMOE_BACKEND=hip) would see only the "
+              "{carve:.1f} GB carve-out",
+    "hip": "ROCm sees only the {carve:.1f} GB BIOS carve-out (Vulkan maps {visible:.1f} GB with GTT); models load "
+           "without mmap (-lm none) under ROCm",
+}
 
 
 def nvidia_bandwidth(name: str) -> tuple[float, str] | None:
@@ -165,18 +189,28 @@ def profile_from_facts(f: HostFacts) -> DeviceProfile:
         notes.append(f"measured: amdgpu {g['card']} ({g['device_id']}) VRAM carve-out {g['vram_bytes'] / GIB:.2f} GiB, "
                      f"GTT {g['gtt_bytes'] / GIB:.2f} GiB (sysfs)")
         if g["vram_bytes"] < 0.5 * f.ram_bytes:  # an APU: the GPU maps system memory through GTT
+            backend = "hip" if f.backend == "hip" else "vulkan"
             notes.append(f"assumed: unified LPDDR5X at {ASSUMED_STRIX_BANDWIDTH_GBS} GB/s (Strix Halo figure)")
+            notes.append(APU_BACKEND_NOTES[backend].format(carve=g["vram_bytes"] / GB, visible=visible))
             pool = MemoryPool("unified", "unified", round(ram_gb + g["vram_bytes"] / GB, 2), 0.95,
-                              ASSUMED_STRIX_BANDWIDTH_GBS, gpu_visible_gb=round(visible, 2))
-            return DeviceProfile("auto", f"this host: {f.cpu_name} (APU)", "vulkan", f.physical_cores, reserve,
+                              ASSUMED_STRIX_BANDWIDTH_GBS, gpu_visible_gb=round(visible, 2),
+                              carve_out_gb=round(g["vram_bytes"] / GB, 2))
+            return DeviceProfile("auto", f"this host: {f.cpu_name} (APU)", backend, f.physical_cores, reserve,
                                  [pool], 84.0, slow_types=["bf16", "iq3_m", "mxfp4"], notes=notes, source="auto")
         gpu = MemoryPool("vram", "gpu", round(g["vram_bytes"] / GB, 2), 0.94, 800.0)
         notes.append("assumed: discrete AMD GPU at 800 GB/s")
         return DeviceProfile("auto", f"this host: {f.cpu_name} + AMD GPU", "hip", f.physical_cores, reserve,
                              [gpu, cpu_pool], ASSUMED_PCIE_GBS, notes=notes, source="auto")
     if f.apple_chip:
-        notes.append("assumed: Metal working set 75% of RAM, 400 GB/s (M3 Max class); see the apple-* profiles")
-        pool = MemoryPool("unified", "unified", round(ram_gb, 2), 0.95, 400.0, gpu_visible_gb=round(0.75 * ram_gb, 2))
+        notes.append("assumed: 400 GB/s (M3 Max class); see the apple-* profiles")
+        if f.apple_wired_limit_mb:
+            visible = f.apple_wired_limit_mb * 1024**2 / GB
+            notes.append(f"measured: GPU wired-memory limit {f.apple_wired_limit_mb} MB (sysctl iogpu.wired_limit_mb)")
+        else:
+            visible = 0.75 * ram_gb
+            notes.append("assumed: Metal working set 75% of RAM (macOS's default above 36 GB); "
+                         "`sudo sysctl iogpu.wired_limit_mb=N` raises it until reboot (leave 8-16 GB for macOS)")
+        pool = MemoryPool("unified", "unified", round(ram_gb, 2), 0.95, 400.0, gpu_visible_gb=round(visible, 2))
         return DeviceProfile("auto", f"this host: {f.apple_chip}", "metal", f.physical_cores, max(reserve, 8.0),
                              [pool], None, slow_types=["iq4_xs", "q3_k"], notes=notes, source="auto")
     notes.append(f"assumed: CPU memory bandwidth {ASSUMED_CPU_BANDWIDTH_GBS} GB/s; no GPU found")
@@ -185,6 +219,7 @@ def profile_from_facts(f: HostFacts) -> DeviceProfile:
 
 
 def detect_host() -> DeviceProfile:
+    """This host as a profile (CCMOE_BACKEND=hip makes an AMD APU a ROCm device instead of a Vulkan one)."""
     return profile_from_facts(read_host())
 
 

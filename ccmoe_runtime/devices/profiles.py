@@ -25,6 +25,7 @@ class MemoryPool:
     usable_fraction: float         # share a model may take after drivers and fragmentation
     bandwidth_gbs: float           # sustained read bandwidth, GB/s
     gpu_visible_gb: float | None = None  # unified memory: the part the GPU may map (a setting)
+    carve_out_gb: float | None = None    # unified APU memory: the BIOS carve-out, all that ROCm's hipMalloc sees
 
     @property
     def usable_bytes(self) -> int:
@@ -107,6 +108,7 @@ def profile_lines(p: DeviceProfile) -> list[str]:
              + (f", CPU<->GPU {p.link_bandwidth_gbs:g} GB/s" if p.link_bandwidth_gbs else "")]
     for x in p.pools:
         extra = f", GPU-visible {x.gpu_visible_gb:g} GB" if x.gpu_visible_gb else ""
+        extra += f" (carve-out {x.carve_out_gb:g} GB)" if x.carve_out_gb else ""
         lines.append(f"  pool {x.name}: {x.kind}, {x.capacity_gb:g} GB x {x.usable_fraction:g} usable, "
                      f"{x.bandwidth_gbs:g} GB/s{extra}")
     if p.slow_types:

@@ -34,14 +34,22 @@ def pool_capacities(device: DeviceProfile) -> dict[str, int]:
     if uni:
         caps["cpu"] = max(uni.usable_bytes - reserve, 0)
         if device.backend != "cpu":
-            visible = int((uni.gpu_visible_gb or uni.capacity_gb) * GB)
-            caps["gpu"] = min(visible, caps["cpu"])
+            caps["gpu"] = min(gpu_visible_bytes(device), caps["cpu"])
     if gpu and device.backend != "cpu":
         caps["gpu"] = gpu.usable_bytes
         live = live_gpu_free_bytes(device)
         if live is not None:
             caps["gpu"] = min(caps["gpu"], live)
     return caps
+
+
+def gpu_visible_bytes(device: DeviceProfile) -> int:
+    """What the GPU of a unified-memory device may allocate: the BIOS carve-out under ROCm (hipMalloc stays inside
+    it), else the GPU-visible size (GTT with Vulkan, Metal's working-set limit), else all of the pool."""
+    uni = device.pool("unified")
+    if device.backend == "hip" and uni.carve_out_gb:
+        return int(uni.carve_out_gb * GB)
+    return int((uni.gpu_visible_gb or uni.capacity_gb) * GB)
 
 
 def compute_estimate(inv: ModelInventory, ubatch: int, n_ctx: int, flash: bool) -> int:

@@ -270,8 +270,9 @@ def _place_at(inv: ModelInventory, device: DeviceProfile, factors: Factors, sett
                      flash_attn=flash_mode(device, kv_type), n_gpu_layers=999 if cx.main == "gpu" else 0,
                      threads=_threads(settings, device, factors, hybrid), tensors=where, overrides=rules, memory=use,
                      predicted=pred, predicted_empty=_predict(cx, where, kv_type, 0), memory_source=source,
-                     factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid),
-                     cpu_repack=bool(settings.cpu_repack) and hybrid, notes=uncalibrated_types(cx.loads, where, factors))
+                     factors_source=factors.source, load_mode=_load_mode(settings, factors, hybrid, device),
+                     cpu_repack=bool(settings.cpu_repack) and hybrid,
+                     notes=uncalibrated_types(cx.loads, where, factors) + device_notes(device, where))
 
 
 def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: Factors) -> list[str]:
@@ -291,9 +292,33 @@ def uncalibrated_types(loads: list[TensorLoad], where: dict[str, str], factors: 
             f"`ccmoe-run calibrate --types {','.join(measured + missing)}` measures them"]
 
 
-def _load_mode(settings: Settings, factors: Factors, hybrid: bool) -> str:
-    """The user's load mode, else the one calibration measured best for weights in host memory next to a GPU."""
-    return settings.load_mode or (factors.cpu_load_mode if hybrid else "auto")
+def _load_mode(settings: Settings, factors: Factors, hybrid: bool, device: DeviceProfile) -> str:
+    """The user's load mode; under ROCm none (mmap loading of large models can hang there: shared/device-facts.md);
+    else the one calibration measured best for weights in host memory next to a GPU."""
+    if settings.load_mode:
+        return settings.load_mode
+    if device.backend == "hip":
+        return "none"
+    return factors.cpu_load_mode if hybrid else "auto"
+
+
+def device_notes(device: DeviceProfile, where: dict[str, str]) -> list[str]:
+    """What this device's memory rules mean for the placement: ROCm's carve-out, ROCm's loading without mmap, and
+    Metal's wired-memory limit when it leaves weights to the CPU, each with what lifts it."""
+    notes = []
+    uni = device.pool("unified")
+    if device.backend == "hip":
+        notes.append("-lm none: under ROCm models load without mmap (mmap loading of large models can hang)")
+    if device.backend == "hip" and uni and uni.carve_out_gb and (uni.gpu_visible_gb or 0) > uni.carve_out_gb:
+        notes.append(f"ROCm allocates only inside the {uni.carve_out_gb:g} GB BIOS carve-out: Vulkan (GTT, "
+                     f"{uni.gpu_visible_gb:g} GB GPU-visible) or a larger carve-out in the firmware puts more on the GPU")
+    host = [n for n, w in where.items() if w == "cpu" and not n.startswith("token_embd.")]
+    if device.backend == "metal" and uni and host:
+        limit_mb = int((uni.capacity_gb - max(device.os_reserve_gb, 8.0)) * 1e9 / 2**20)
+        notes.append(f"Metal's GPU working-set limit ({uni.gpu_visible_gb or uni.capacity_gb:g} GB) leaves {len(host)} "
+                     f"tensors to the CPU: `sudo sysctl iogpu.wired_limit_mb={limit_mb}` raises it until reboot "
+                     f"(leaving {max(device.os_reserve_gb, 8.0):g} GB for macOS), then place again")
+    return notes
 
 
 def _threads(settings: Settings, device: DeviceProfile, factors: Factors, hybrid: bool) -> int:

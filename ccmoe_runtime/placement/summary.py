@@ -56,7 +56,7 @@ def summary_lines(p: Placement) -> list[str]:
     lines.append(f"  memory from {p.memory_source}; speed factors from {p.factors_source}")
     if s.load_mode:
         lines.append(f"  --load-mode {p.load_mode}: as asked")
-    elif p.load_mode != "auto":
+    elif p.load_mode != "auto" and p.backend != "hip":
         lines.append(f"  --load-mode {p.load_mode}: host-memory weights in llama.cpp's own buffers (chosen by calibration)")
     lines += [f"  note: {n}" for n in p.notes]
     pe, pf = p.predicted_empty, p.predicted
