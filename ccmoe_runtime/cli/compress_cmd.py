@@ -22,10 +22,11 @@ from ..compress.frontier import summary_lines as frontier_lines
 from ..compress.plan import summary_lines
 from ..compress.quantize import build
 from ..compress.sensitivity import MAX_EXPERTS
+from ..compress.stages import STOP_STAGES
 from ..engine.build import find_engine
 from ..testmodels.corpus import calibration_text
 from .app import main
-from .output import echo_json, echo_result, progress_bar
+from .output import echo_json, echo_result, progress_bar, say, stage_bars
 from .params import (
     CONTEXT,
     COUNT,
@@ -63,7 +64,7 @@ _imatrix_option = click.option("--imatrix", "imatrix_file", type=INPUT_FILE, def
 def measure(model, calib, imatrix_file, out, ctx, chunks, impact, sample_experts, sample_rows, threads, force,
             as_json) -> None:
     """Measure expert activation frequency, the imatrix, per-tensor error per type and output impact."""
-    with progress_bar("impact probes") as bar:
+    with stage_bars() as bar:
         result = measure_model(find_engine(), model, calibration_text(calib), out, ctx=ctx, chunks=chunks,
                                impact=impact, force=force, threads=threads, progress=bar, imatrix=imatrix_file,
                                max_experts=sample_experts, rows_per_expert=sample_rows)
@@ -175,23 +176,32 @@ def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
 @_calib_option
 @_imatrix_option
 @click.option("--impact/--no-impact", default=None, help="Measure output impact (default: models up to 4 GB).")
+@click.option("--stop-after", type=click.Choice(STOP_STAGES), default=None,
+              help="End after this stage; run again without it to go on from there.")
 @click.option("--threads", "-t", type=COUNT, default=None)
-@click.option("--force", is_flag=True, help="Overwrite OUT and earlier measurements.")
+@click.option("--force", is_flag=True, help="Overwrite OUT and redo every stage.")
 @click.option("--json", "as_json", is_flag=True)
 def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, check_only, calib,
-             imatrix_file, impact, threads, force, as_json) -> None:
-    """Check fit, disk and RAM, then measure -> plan -> build; the artifacts stay in OUT's folder (OUT.ccmoe/)."""
+             imatrix_file, impact, stop_after, threads, force, as_json) -> None:
+    """Check fit, disk and RAM, then measure -> plan -> build; the artifacts stay in OUT's folder (OUT.ccmoe/), and
+    a run that was stopped or killed resumes from its last finished stage."""
     if check_only:
         echo_result(check_compress(find_engine(), model, device, out, ctx, parallel, budget_gb, impact, threads),
                     as_json)
         return
-    with progress_bar("impact probes") as measuring, progress_bar("quantizing") as quantizing:
+    with stage_bars() as bars:
         result = compress_model(find_engine(), model, device, out, calibration_text(calib), ctx, parallel, budget_gb,
-                                experts_used, original_experts, impact, threads, force, measuring, quantizing,
-                                imatrix_file)
+                                experts_used, original_experts, impact, threads, force, bars, imatrix_file, stop_after,
+                                say(as_json))
     if as_json:
         echo_json(result.to_dict())
         return
+    if result.plan is None or result.build is None:
+        click.echo(f"stopped after {result.stopped_after}; artifacts in {result.work}; run again without --stop-after "
+                   "to go on from there")
+        if result.plan is None:
+            return
     click.echo("\n".join(summary_lines(result.plan)))
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
-    click.echo("\n".join(result.build.summary_lines()))
+    if result.build:
+        click.echo("\n".join(result.build.summary_lines()))

@@ -54,3 +54,30 @@ def progress_bar(label: str):
         yield bar
     finally:
         bar.close()
+
+
+class StageBars:
+    """`bars(label)`: the (done, total) progress bar of that label, with an ETA; opening one closes the last."""
+
+    def __init__(self):
+        self.current: Progress | None = None
+
+    def __call__(self, label: str) -> Progress:
+        if self.current is None or self.current.label != label:
+            self.close()
+            self.current = Progress(label)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+@contextmanager
+def stage_bars():
+    bars = StageBars()
+    try:
+        yield bars
+    finally:
+        bars.close()

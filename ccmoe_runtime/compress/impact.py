@@ -16,6 +16,7 @@ from pathlib import Path
 from ..core.artifacts import save_artifact
 from ..engine.build import Engine
 from ..engine.tools import quantize
+from ..model.inventory import is_quantized, read_gguf
 from .quality import kl_divergence, save_reference_logits
 
 IMPACT_VERSION = 1
@@ -64,7 +65,8 @@ def measure_impact(engine: Engine, model: Path, sensitivity: dict, text: Path, w
     work.mkdir(parents=True, exist_ok=True)
     logits = save_reference_logits(engine, model, text, work / "reference.kld", ctx=ctx, threads=threads, chunks=chunks)
     probe = work / "probe.gguf"
-    quantize(engine, model, probe, REFERENCE_TYPE, [], imatrix=imatrix, threads=threads)
+    flags = ("--allow-requantize",) if is_quantized(read_gguf(model)) else ()     # e.g. a Q8_0 source
+    quantize(engine, model, probe, REFERENCE_TYPE, [], imatrix=imatrix, threads=threads, flags=flags)
     base = kl_divergence(engine, probe, logits, ctx=ctx, threads=threads)
     groups = probe_groups(sensitivity, max_probes)
     measured: dict[str, dict] = {}
@@ -73,7 +75,7 @@ def measure_impact(engine: Engine, model: Path, sensitivity: dict, text: Path, w
         if typ is None or _error_gap(sensitivity, names, typ) <= 0:
             continue
         lines = [f"^{re.escape(n)}$={typ.lower()}" for n in names]
-        quantize(engine, model, probe, REFERENCE_TYPE, lines, imatrix=imatrix, threads=threads)
+        quantize(engine, model, probe, REFERENCE_TYPE, lines, imatrix=imatrix, threads=threads, flags=flags)
         q = kl_divergence(engine, probe, logits, ctx=ctx, threads=threads)
         measured[group] = {"tensors": names, "type": typ, "kld": q.mean_kld, "delta_kld": q.mean_kld - base.mean_kld,
                            "error_gap": _error_gap(sensitivity, names, typ)}

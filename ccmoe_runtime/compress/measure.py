@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.artifacts import load_artifact
+from ..core.artifacts import file_digest, file_sha256, load_artifact
 from ..core.errors import CcmoeError
 from ..core.files import read_text
 from ..engine.build import Engine
 from ..model.experts import load_expert_stats
-from ..model.inventory import read_gguf
+from ..model.inventory import model_digest, read_gguf
 from .impact import IMPACT_MAX_BYTES, IMPACT_VERSION, measure_impact, save_impact
 from .router import cached_router_stats, router_stats_path
 from .sensitivity import MAX_EXPERTS, SENSITIVITY_VERSION, measure_sensitivity, prior_impact_artifact, save_sensitivity
+from .stages import StageLog
 from .stats import measure_expert_stats
 
 IMPACT_CHUNKS = 64              # calibration chunks (of 256 tokens) each probe is scored on
@@ -34,7 +35,7 @@ class Measurements:
     folder: str
     imatrix: Path | None
     expert_stats: dict | None
-    sensitivity: dict
+    sensitivity: dict | None          # None: stopped after the statistics (--stop-after)
     impact: dict | None
     router_stats: Path | None = None
 
@@ -71,32 +72,54 @@ def measurement_paths(folder: Path, model: Path) -> dict[str, Path]:
 def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int = 512, chunks: int | None = 64,
                   impact: bool | None = None, force: bool = False, threads: int | None = None,
                   progress=None, imatrix: Path | None = None, max_experts: int = MAX_EXPERTS,
-                  rows_per_expert: int = 16) -> Measurements:
+                  rows_per_expert: int = 16, log: StageLog | None = None, stop_after: str | None = None) -> Measurements:
     """imatrix and expert statistics (llama-imatrix, or from the user's `imatrix`), per-type errors (ggml), and
-    output impact (probe builds)."""
+    output impact (probe builds). With a stage `log`, stages that finished from the same inputs are skipped;
+    `progress(stage)` gives a (done, total) callback for the long ones."""
     read_text(Path(calib), "calibration text")        # binary or not UTF-8: one line before any tool runs
     paths = measurement_paths(folder, model)
-    if not force:
+    if not force and log is None:
         for p in (paths["sensitivity"], paths["impact"]):
             if p.exists():
                 raise CcmoeError(f"{p} already exists", "pass --force to overwrite it or choose another -o folder")
-    stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads, force=force,
-                                 imatrix=imatrix)
+    log = log or StageLog(None)
     inv = read_gguf(model)
     small = inv.file_bytes <= IMPACT_MAX_BYTES     # every shard; loads in memory, probes affordable
-    router = None
-    if small:        # mean routing score per expert (bindings' cb_eval)
-        router = router_stats_path(folder, model)
-        cached_router_stats(engine, model, calib, router, ctx=min(ctx, 256), chunks=chunks, threads=threads)
-    sens = measure_sensitivity(engine, model, paths["imatrix"], stats, rows_per_expert=rows_per_expert,
-                               max_experts=max_experts, threads=threads)
-    save_sensitivity(sens, paths["sensitivity"])
-    found = None
-    if impact if impact is not None else small:
+    router = router_stats_path(folder, model) if small else None     # mean routing score per expert (cb_eval)
+    key = log.key("statistics", engine.key, model_digest(model), file_sha256(Path(calib)), ctx, chunks,
+                  file_digest(Path(imatrix)) if imatrix else None)
+    if log.done("statistics", key):
+        stats = load_expert_stats(paths["expert-stats"]) if paths["expert-stats"].is_file() else None
+    else:
+        stats = measure_expert_stats(engine, model, calib, folder, ctx=ctx, chunks=chunks, threads=threads,
+                                     force=force or log.path is not None, imatrix=imatrix)
+        if router:
+            cached_router_stats(engine, model, calib, router, ctx=min(ctx, 256), chunks=chunks, threads=threads)
+        log.finish("statistics", key, [p for p in (paths["imatrix"], paths["expert-stats"], router) if p])
+    if stop_after == "statistics":
+        return Measurements(str(model), str(folder), paths["imatrix"], stats, None, None, router)
+    key = log.key("sensitivity", log.outputs_of("statistics"), max_experts, rows_per_expert, SENSITIVITY_VERSION,
+                  model_digest(model))
+    if log.done("sensitivity", key):
+        sens = load_artifact(paths["sensitivity"], "sensitivity", SENSITIVITY_VERSION)
+    else:
+        sens = measure_sensitivity(engine, model, paths["imatrix"], stats, rows_per_expert=rows_per_expert,
+                                   max_experts=max_experts, threads=threads,
+                                   progress=progress("sensitivity") if progress else None)
+        save_sensitivity(sens, paths["sensitivity"])
+        log.finish("sensitivity", key, [paths["sensitivity"]])
+    if stop_after == "sensitivity":
+        return Measurements(str(model), str(folder), paths["imatrix"], stats, sens, None, router)
+    probes = impact if impact is not None else small
+    key = log.key("impact", log.outputs_of("sensitivity"), probes, file_sha256(Path(calib)), engine.key, IMPACT_VERSION)
+    if log.done("impact", key):
+        found = load_artifact(paths["impact"], "impact", IMPACT_VERSION) if paths["impact"].is_file() else None
+        return Measurements(str(model), str(folder), paths["imatrix"], stats, sens, found, router)
+    if probes:
         work = folder / ".impact-work"
         try:
             found = measure_impact(engine, model, sens, calib, work, imatrix=paths["imatrix"], chunks=IMPACT_CHUNKS,
-                                   threads=threads, progress=progress)
+                                   threads=threads, progress=progress("impact probes") if progress else None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         save_impact(found, paths["impact"])
@@ -106,6 +129,7 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
             save_impact(found, paths["impact"])
         else:
             paths["impact"].unlink(missing_ok=True)
+    log.finish("impact", key, [paths["impact"]])
     return Measurements(str(model), str(folder), paths["imatrix"], stats, sens, found, router)
 
 

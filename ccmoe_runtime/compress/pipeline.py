@@ -18,7 +18,7 @@ from ..engine.build import Engine
 from ..model.inventory import ModelInventory, read_gguf, require_moe, summarize
 from .checks import CheckResult, preflight
 from .frontier import FRONTIER_KIND, FRONTIER_VERSION, Frontier, frontier_model, point_plan
-from .measure import Measurements, load_measurements, measure_model, measurement_paths
+from .measure import Measurements, load_measurements, measure_model
 from .plan import (
     PLAN_KIND,
     PLAN_VERSION,
@@ -31,6 +31,7 @@ from .plan import (
 from .plot import frontier_png, plan_png
 from .quantize import BuildResult, build
 from .sensitivity import prior_sensitivity
+from .stages import StageLog
 
 
 def plan_model(engine: Engine, inv: ModelInventory, device: DeviceProfile, ctx: int, parallel: int,
@@ -121,13 +122,16 @@ class CompressResult:
     """What `compress` left: the measurements' folder, the plan and its files, and the build."""
 
     work: str
-    plan: Plan
+    plan: Plan | None
     files: dict[str, Path]
-    build: BuildResult
+    build: BuildResult | None
+    stopped_after: str | None = None      # --stop-after: the last stage run
 
     def to_dict(self) -> dict:
-        return {"work": self.work, "plan": {k: v for k, v in self.plan.to_dict().items() if k != "tensors"},
-                "files": {k: str(p) for k, p in self.files.items()}, "build": self.build.to_dict()}
+        return {"work": self.work, "stopped_after": self.stopped_after,
+                "plan": {k: v for k, v in self.plan.to_dict().items() if k != "tensors"} if self.plan else None,
+                "files": {k: str(p) for k, p in self.files.items()},
+                "build": self.build.to_dict() if self.build else None}
 
 
 def work_folder(out: Path) -> Path:
@@ -154,20 +158,31 @@ def check_compress(engine: Engine, inv: ModelInventory, device: DeviceProfile, o
 def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceProfile, out: Path, calib: Path, ctx: int = 8192,
                    parallel: int = 1, budget_gb: float | None = None, experts_used: int | None = None,
                    original_experts: int | None = None, impact: bool | None = None, threads: int | None = None,
-                   force: bool = False, measure_progress=None, build_progress=None,
-                   imatrix: Path | None = None) -> CompressResult:
-    """measure (unless already measured) -> plan -> build; the artifacts stay in OUT.ccmoe/."""
+                   force: bool = False, progress=None, imatrix: Path | None = None, stop_after: str | None = None,
+                   say=None) -> CompressResult:
+    """measure -> plan -> build; the artifacts stay in OUT.ccmoe/, and a stage that finished there from the same
+    inputs is skipped (a killed run resumes); `stop_after` ends after that stage (STOP_STAGES)."""
     inv = model if isinstance(model, ModelInventory) else read_gguf(model)
     check_writable(out, force, what="compressed model")
     preflight(engine, inv, device, out, ctx, parallel, budget_gb, impact, threads=threads)
     model = weights_path(inv, "compress")
     work = work_folder(out)
-    if not measurement_paths(work, model)["sensitivity"].is_file() or force:
-        measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=measure_progress,
-                      imatrix=imatrix)
-    plan = plan_model(engine, read_gguf(model), device, ctx, parallel, budget_gb, load_measurements(work, model),
-                      experts_used, original_experts)
+    log = StageLog.open(work, fresh=force, say=say)
+    measure_model(engine, model, calib, work, impact=impact, force=True, threads=threads, progress=progress,
+                  imatrix=imatrix, log=log, stop_after=stop_after)
+    if stop_after in ("statistics", "sensitivity", "impact"):
+        return CompressResult(str(work), None, {}, None, stop_after)
+    key = log.key("plan", log.outputs_of("impact"), log.outputs_of("sensitivity"), device, ctx, parallel, budget_gb,
+                  experts_used, original_experts)
+    log.start("plan")                        # seconds at any size: always planned again, but timed and recorded
+    plan = plan_model(engine, inv, device, ctx, parallel, budget_gb, load_measurements(work, model), experts_used,
+                      original_experts)
     files = save_plan(plan, work / "plan.json", force=True)
+    log.finish("plan", key, list(files.values()))
+    if stop_after == "plan":
+        return CompressResult(str(work), plan, files, None, stop_after)
+    log.start("build")                       # build's own record (OUT.gguf.build.json) skips an unchanged build
     built = build(engine, model, plan, out, Path(plan.imatrix) if plan.imatrix else None, force, threads,
-                  build_progress)
+                  progress("quantizing") if progress else None)
+    log.finish("build", "", [out])
     return CompressResult(str(work), plan, files, built)

@@ -14,7 +14,7 @@ from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..core.files import check_writable, make_parent, output_lock, temp_beside
 from ..engine.build import Engine
 from ..engine.tools import load_check, quantize
-from ..model.inventory import model_digest, read_gguf
+from ..model.inventory import is_quantized, model_digest, read_gguf
 from .plan import Plan, plan_overrides, tensor_type_lines
 
 BUILD_VERSION = 1
@@ -114,7 +114,7 @@ def build(engine: Engine, model: Path, plan: Plan, out: Path, imatrix: Path | No
         staged = temp_beside(out, "verify")
         try:
             quantize(engine, model, staged, BASE_TYPE, tensor_type_lines(plan), imatrix, plan_overrides(plan),
-                     threads, progress)
+                     threads, progress, ("--allow-requantize",) if is_quantized(read_gguf(model)) else ())
             verified = verify(staged, plan, engine)
             os.replace(staged, out)
         finally:

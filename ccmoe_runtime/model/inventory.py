@@ -125,6 +125,11 @@ def shard_paths(path: Path) -> list[Path]:
     return paths
 
 
+def is_quantized(inv: "ModelInventory") -> bool:
+    """Whether any weight matrix is stored quantized (llama-quantize then needs --allow-requantize)."""
+    return any(len(t.shape) >= 2 and t.ggml_type not in ("F32", "F16", "BF16") for t in inv.tensors)
+
+
 def model_digest(path: Path) -> str:
     """A cheap identity of a model over every shard of a split GGUF (each shard's path, size and mtime)."""
     return "|".join(file_digest(p) for p in shard_paths(Path(path)))

@@ -1,0 +1,28 @@
+"""benchmarks/rehearsal.py in its test size: every stage of a real compress timed and its peak RSS measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_rehearsal_measures_every_stage_and_extrapolates(tmp_path):
+    out = tmp_path / "numbers.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rehearsal.py"), "--work", str(tmp_path / "w"),
+                             "--size", "test", "--threads", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["stages"]) == {"check", "statistics", "sensitivity", "impact", "plan", "build"}
+    for stage, s in doc["stages"].items():
+        assert s["seconds"] > 0 and s["peak_rss_bytes"] > 10 * 2**20, stage
+    assert 0 < doc["budget_share"] < 1 and doc["out_bytes"] <= doc["budget_gb"] * 1e9 * 1.05
+    assert doc["extrapolated_total_s"] > 0 and "| total |" in result.stdout
+    assert not Path(doc["model"]).exists()                 # the generated model is deleted afterwards
