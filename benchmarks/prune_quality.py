@@ -1,6 +1,10 @@
-"""Expert pruning of the bundled model: importance vs frequency-only vs random, on held-out text.
+"""Expert pruning (bundled or reference model): importance vs frequency-only vs random, on held-out text.
 
-Usage: python benchmarks/prune_quality.py [--model PATH] [--work DIR] [--seeds 20] [--threads 2]
+Usage: python benchmarks/prune_quality.py [--model PATH] [--work DIR] [--seeds 20] [--chunks N] [--threads 2]
+
+A model from `ccmoe-run train-reference` (it carries `ccmoe.training`) is measured on the reference corpus
+(Python docs for statistics and alpha, GNU standards held out), any other on the bundled corpus; --chunks
+limits the held-out text to its first N chunks of --ctx tokens.
 
 Router statistics come from the first --stats-chars characters of the training text (calibration); alpha is
 chosen per keep ratio from ALPHAS by mean KL-divergence on the next --select-chars characters (a second
@@ -26,7 +30,7 @@ from ccmoe_runtime.engine.build import find_engine
 from ccmoe_runtime.model.inventory import read_gguf, summarize
 from ccmoe_runtime.model.sources import bundled_model_path
 from ccmoe_runtime.prune.prune import prune_model, resolve_keep
-from ccmoe_runtime.testmodels.corpus import ensure_corpus
+from ccmoe_runtime.testmodels.corpus import ensure_corpus, ensure_reference_corpus
 
 RATIOS = (0.875, 0.75, 0.5)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -101,7 +105,7 @@ def print_tables(results: list[dict], base: dict, args, stats: dict) -> None:
           f"alpha chosen on {args.select_chars:,} further training characters.\n")
     print("| keep | method | α | experts used | mean KLD | same top | PPL |\n|---|---|---|---|---|---|---|")
     for res in results:
-        rows, keep = res["rows"], f"{res['keep']}/8 ({res['ratio']:g})"
+        rows, keep = res["rows"], f"{res['keep']}/{base['n_expert']} ({res['ratio']:g})"
         for name, label, a in (("importance", "importance", f"{res['alpha']:g}"), ("frequency", "frequency only", "1")):
             r = rows[name]
             print(f"| {keep} | {label} | {a} | {r['experts_used']} | {r['kld'][0]:.4f} ± {r['kld'][1]:.4f} | "
@@ -114,11 +118,11 @@ def print_tables(results: list[dict], base: dict, args, stats: dict) -> None:
     for res in results:
         sel = res["alpha_selection_kld"]
         print(f"| {res['keep']} | " + " | ".join(f"{sel[a]:.4f}" for a in ALPHAS) + f" | {res['alpha']:g} |")
-    print("\nExperts used per token with 4 of 8 experts kept (held-out):\n")
+    print(f"\nExperts used per token with {base['n_expert'] // 2} of {base['n_expert']} experts kept (held-out):\n")
     print("| method | k | mean KLD | same top | PPL |\n|---|---|---|---|---|")
     for res in results:
         for name in ("importance", "importance-k2", "frequency", "frequency-k2"):
-            if res["keep"] == 4 and name in res["rows"]:
+            if res["keep"] == base["n_expert"] // 2 and name in res["rows"]:
                 r = res["rows"][name]
                 print(f"| {name.removesuffix('-k2')} | {r['experts_used']} | {r['kld'][0]:.4f} ± {r['kld'][1]:.4f} | "
                       f"{r['same_top'][0]:.2f} % | {r['ppl'][0]:.2f} ± {r['ppl'][1]:.2f} |")
@@ -136,12 +140,13 @@ def slice_text(source: Path, out: Path, start: int, size: int) -> Path:
     return out
 
 
-def held_out_size(engine, model: Path, text: Path, ctx: int) -> dict:
+def held_out_size(engine, model: Path, text: Path, ctx: int, limit: int | None = None) -> dict:
     """Chunks of the held-out text, and the tokens llama-perplexity scores (the second half of each chunk)."""
     from ccmoe_runtime.engine.build import load_bindings
 
     llm = load_bindings(engine).Llama(model_path=str(model), vocab_only=True, verbose=False)
     chunks = len(llm.tokenize(text.read_text().encode(), add_bos=True)) // ctx
+    chunks = min(chunks, limit) if limit else chunks
     return {"chunks": chunks, "tokens": chunks * (ctx - 1 - ctx // 2)}
 
 
@@ -153,21 +158,24 @@ def main() -> None:
     ap.add_argument("--stats-chars", type=int, default=250_000)
     ap.add_argument("--select-chars", type=int, default=100_000)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--chunks", type=int, default=None, help="held-out chunks (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     started = time.monotonic()
-    engine, corpus = find_engine(), ensure_corpus()
+    engine = find_engine()
+    reference_model = "ccmoe.training" in read_gguf(args.model).metadata
+    corpus = ensure_reference_corpus() if reference_model else ensure_corpus()
     args.work.mkdir(parents=True, exist_ok=True)
     calib = slice_text(corpus.train, args.work / "calib-stats.txt", 0, args.stats_chars)
     select = slice_text(corpus.train, args.work / "calib-select.txt", args.stats_chars, args.select_chars)
     stats = router_stats(engine, args.model, calib, ctx=args.ctx, chunks=None, threads=args.threads)
-    save_router_stats(stats, args.work / "bundled.router-stats.json")
+    save_router_stats(stats, args.work / "router-stats.json")
     refs = {name: save_reference_logits(engine, args.model, text, args.work / f"ref-{name}.bin", ctx=args.ctx,
-                                        threads=args.threads)
-            for name, text in (("select", select), ("heldout", corpus.heldout))}
-    base = {**measure(engine, args.model, refs["heldout"], args.ctx, args.threads),
-            **held_out_size(engine, args.model, corpus.heldout, args.ctx)}
+                                        threads=args.threads, chunks=chunks)
+            for name, text, chunks in (("select", select, None), ("heldout", corpus.heldout, args.chunks))}
     summary = summarize(read_gguf(args.model))
+    base = {**measure(engine, args.model, refs["heldout"], args.ctx, args.threads),
+            **held_out_size(engine, args.model, corpus.heldout, args.ctx, args.chunks), "n_expert": summary.n_expert}
     results = [evaluate_ratio(engine, args.model, args.work, r, summary.n_expert, summary.n_expert_used, stats, refs,
                               args) for r in RATIOS]
     print_tables(results, base, args, stats)

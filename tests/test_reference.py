@@ -136,3 +136,19 @@ def test_job_shards_are_the_reference_llama_cpp_runs(bindings, tmp_path):
     theirs = np.array(llm.scores[: len(ids)])
     assert np.abs(ours - theirs).max() < 0.02 * np.abs(ours).max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.slow
+def test_kl_divergence_reports_error_bars(engine, bindings, tmp_path):
+    """llama-perplexity's ± for top-token agreement and perplexity reach Quality (benchmarks print them)."""
+    from ccmoe_runtime.compress.quality import kl_divergence, save_reference_logits
+    from ccmoe_runtime.engine.tools import quantize
+
+    cfg = RefConfig(**TINY)
+    path = export_gguf(state_arrays(_random_model(cfg)), byte_vocab(512), cfg, tmp_path / "f16.gguf", {})
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 97} and {i % 13}" for i in range(3000)))
+    ref = save_reference_logits(engine, path, text, tmp_path / "ref.kld", ctx=128, threads=2, chunks=6)
+    q = kl_divergence(engine, quantize(engine, path, tmp_path / "q4.gguf", "Q4_0", []), ref, ctx=128, threads=2)
+    assert q.chunks >= 5 and q.mean_kld > 0 and q.mean_kld_se > 0
+    assert q.same_top_se is not None and 0 < q.same_top_se < 0.2 and q.ppl_se is not None and q.ppl_se > 0

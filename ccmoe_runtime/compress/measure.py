@@ -72,10 +72,12 @@ def measurement_paths(folder: Path, model: Path) -> dict[str, Path]:
 def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: int = 512, chunks: int | None = 64,
                   impact: bool | None = None, force: bool = False, threads: int | None = None,
                   progress=None, imatrix: Path | None = None, max_experts: int = MAX_EXPERTS,
-                  rows_per_expert: int = 16, log: StageLog | None = None, stop_after: str | None = None) -> Measurements:
+                  rows_per_expert: int = 16, log: StageLog | None = None, stop_after: str | None = None,
+                  types: tuple[str, ...] | None = None) -> Measurements:
     """imatrix and expert statistics (llama-imatrix, or from the user's `imatrix`), per-type errors (ggml), and
     output impact (probe builds). With a stage `log`, stages that finished from the same inputs are skipped;
-    `progress(stage)` gives a (done, total) callback for the long ones."""
+    `progress(stage)` gives a (done, total) callback for the long ones; `types`: the candidates (default: the
+    planner's ladder)."""
     read_text(Path(calib), "calibration text")        # binary or not UTF-8: one line before any tool runs
     paths = measurement_paths(folder, model)
     if not force and log is None:
@@ -99,12 +101,12 @@ def measure_model(engine: Engine, model: Path, calib: Path, folder: Path, ctx: i
     if stop_after == "statistics":
         return Measurements(str(model), str(folder), paths["imatrix"], stats, None, None, router)
     key = log.key("sensitivity", log.outputs_of("statistics"), max_experts, rows_per_expert, SENSITIVITY_VERSION,
-                  model_digest(model))
+                  model_digest(model), *(types or ()))
     if log.done("sensitivity", key):
         sens = load_artifact(paths["sensitivity"], "sensitivity", SENSITIVITY_VERSION)
     else:
         sens = measure_sensitivity(engine, model, paths["imatrix"], stats, rows_per_expert=rows_per_expert,
-                                   max_experts=max_experts, threads=threads,
+                                   max_experts=max_experts, threads=threads, **({"types": types} if types else {}),
                                    progress=progress("sensitivity") if progress else None)
         save_sensitivity(sens, paths["sensitivity"])
         log.finish("sensitivity", key, [paths["sensitivity"]])

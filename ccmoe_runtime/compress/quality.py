@@ -27,6 +27,8 @@ class Quality:
     ppl: float
     ppl_base: float
     chunks: int              # chunks evaluated (the last may be missing from the log, see run_perplexity)
+    same_top_se: float | None = None    # llama.cpp's standard errors of the two (None when the summary was lost)
+    ppl_se: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,8 +66,8 @@ def _last_chunk(out: str) -> dict | None:
     if not rows:
         return None
     r = [float(x) for x in rows[-1]]
-    return {"chunks": int(r[0]), "ppl": r[1], "ppl_base": r[1] / math.exp(r[3]), "kld": r[5], "kld_se": r[6],
-            "same_top": r[9]}
+    return {"chunks": int(r[0]), "ppl": r[1], "ppl_se": r[2], "ppl_base": r[1] / math.exp(r[3]), "kld": r[5],
+            "kld_se": r[6], "same_top": r[9], "same_top_se": r[10]}
 
 
 def kl_divergence(engine: Engine, model: Path, reference_logits: Path, ctx: int = 256,
@@ -89,7 +91,23 @@ def kl_divergence(engine: Engine, model: Path, reference_logits: Path, ctx: int 
                    same_top=(same if same is not None else last["same_top"]) / 100,
                    ppl=_stat(out, r"Mean PPL\(Q\)") or last["ppl"],
                    ppl_base=_stat(out, r"Mean PPL\(base\)") or last["ppl_base"],
-                   chunks=int(total.group(1)) if mean is not None and total else last["chunks"])
+                   chunks=int(total.group(1)) if mean is not None and total else last["chunks"],
+                   same_top_se=_percent(_first(_se(out, r"Same top p"), last and last["same_top_se"])),
+                   ppl_se=_first(_se(out, r"Mean PPL\(Q\)"), last and last["ppl_se"]))
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else value / 100
+
+
+def _se(out: str, label: str) -> float | None:
+    """The ± figure after a summary line's value."""
+    m = re.search(rf"^{label}\s*:\s*-?[\d.]+\s*±\s*([\d.]+)", out, re.MULTILINE)
+    return float(m.group(1)) if m else None
 
 
 def cached_reference_logits(engine: Engine, reference: Path, text: Path, ctx: int = 256,
