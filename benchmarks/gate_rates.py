@@ -9,12 +9,16 @@ round). `verdict.decide` stops at the first conclusive look, at --max-rounds or 
     python benchmarks/gate_rates.py rates              # 10 verdicts with B = A (false alarms), 10 with B slower
     python benchmarks/gate_rates.py depth              # what llama-bench -d 0,512 costs and measures
     python benchmarks/gate_rates.py baseline           # the baseline-file mode: bench --record, then --baseline
+    python benchmarks/gate_rates.py serve              # the serving measure serve:tg (llama-server's timings)
 
   probe   paired rounds of the reference (--base) against each candidate change: B/A with its interval.
   rates   --verdicts N verdicts with B's flags equal to A's (every "regression" is a false alarm) and N with
           B = A plus --slow (a real slow-down; every verdict other than "regression" is a miss), at
           --max-regression; each verdict's decision, interval, rounds and seconds, and the counts at the end.
   depth   one process with -d 0,512 against one without -d, a few times: each test's tokens/s and wall time.
+  serve   --verdicts verdicts of the gate's serve:tg measure (bench/serving.py: each round two fresh llama-servers,
+          OpenAI chat requests taken in turn, each side's best of 5) with B = A, and as many with B's model the
+          widened one (below); --time-limit per verdict.
   baseline  records one baseline (ccmoe_runtime.bench.baseline.record_baseline: -t 1, prompt and decode at depth 0,
           --record-rounds rounds), then --verdicts checks of the same configuration against it (false alarms: any
           measure flagged) and --verdicts checks with B's model a slower file: the bundled model with the tensors
@@ -221,6 +225,31 @@ def baseline(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def serve(args: argparse.Namespace) -> None:
+    from ccmoe_runtime.bench.gate import Side
+    from ccmoe_runtime.bench.serving import paired_served
+
+    engine = find_engine()
+    work = Path(tempfile.mkdtemp(prefix="gate-rates-"))
+    started = time.monotonic()
+    try:
+        slow_model = widened(MODEL, work / "bundled-widened.gguf", args.widen)
+        for label, model, wrong in (("same", MODEL, lambda d: d == "regression"),
+                                    ("slower", slow_model, lambda d: d != "regression")):
+            print(f"\n{label}: A = {MODEL.name}, B = {model.name}, -t 1, serve:tg", flush=True)
+            errors = 0
+            for i in range(args.verdicts):
+                v = V.decide(paired_served(Side(engine, MODEL, 1), Side(engine, model, 1), "serve:tg"),
+                             args.max_regression, args.min_rounds, args.max_rounds, args.time_limit,
+                             confidence=args.confidence)
+                errors += wrong(v.decision)
+                print(f"  {i + 1:2d} {V.summary_line(v)}", flush=True)
+            print(f"  {'false alarms' if label == 'same' else 'misses'}: {errors}/{args.verdicts}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{time.monotonic() - started:.0f} s in all")
+
+
 def widened(src: Path, out: Path, pattern: str) -> Path:
     """A copy of the F16 model with the tensors whose names match `pattern` widened to F32: the same model, more
     bytes to read per token (a real, repeatable slow-down of the file, not of the machine)."""
@@ -274,7 +303,7 @@ def hog(seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("probe", "rates", "depth", "baseline"))
+    p.add_argument("what", choices=("probe", "rates", "depth", "baseline", "serve"))
     p.add_argument("--base", default="-t 1", help="A's llama-bench flags")
     p.add_argument("--slow", default="-d 80", help="added to B's flags for the misses: a real slow-down")
     p.add_argument("--candidates", nargs="*", help="probe: changes to try")
@@ -297,7 +326,8 @@ def main() -> None:
     started = time.monotonic()
     hogs = start_hogs(args.hog)
     try:
-        {"probe": probe, "rates": rates, "depth": depth, "baseline": baseline}[args.what](args)
+        {"probe": probe, "rates": rates, "depth": depth, "baseline": baseline,
+         "serve": serve}[args.what](args)
     finally:
         stop_hogs(hogs)
     print(f"{time.monotonic() - started:.0f} s")

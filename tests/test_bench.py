@@ -194,10 +194,10 @@ def test_baseline_gate_flags_a_slower_model_and_passes_the_recorded_one(recorded
 def test_serve_measure_reads_llama_servers_own_timings_and_leaves_no_server(tmp_path):
     e, m = find_engine(), bundled_model_path()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    got = run_gate(Side(e, m, 1), Side(e, m, 1), [0], 0.10, 40, serve=True)
+    got = run_gate(Side(e, m, 1), Side(e, m, 1), [0], 0.10, 60, serve=True)     # a round: two fresh servers
     for key in ("serve:tg", "serve:pp"):
         v = got.verdicts[key]
-        assert v["rounds"] >= 6 and min(v["samples"]["a"] + v["samples"]["b"]) > 50, v
+        assert v["rounds"] >= 3 and min(v["samples"]["a"] + v["samples"]["b"]) > 50, v
         assert v["decision"] != "regression"
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

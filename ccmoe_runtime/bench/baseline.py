@@ -33,7 +33,7 @@ from ..core.paths import cache_root
 from ..engine.build import Engine
 from .gate import GATE_VERSION, REPS, GateResult, Side, check_side, measures_for, model_digest, one_run, run_gate
 from .history import host_id
-from .serving import Served
+from .serving import served_round
 from .verdict import unpaired_verdict
 
 BASELINE_KIND, BASELINE_VERSION = "bench-baseline", 1
@@ -188,18 +188,11 @@ def record_baseline(side: Side, depths: list[int], rounds: int, out: Path, force
     frozen, digest = freeze_engine(side.engine)
     measures = measures_for(depths, serve)
     samples: dict[str, list[float]] = {m: [] for m in measures}
-    served = None
-    try:
-        if serve:
-            served = Served(side).start()
-        for i in range(rounds):
-            for m in measures:
-                samples[m].append(served.rate(m) if m.startswith("serve:") else one_run(side, m))
-            if progress:
-                progress(f"round {i + 1}/{rounds}: " + ", ".join(f"{m} {v[-1]:,.1f}" for m, v in samples.items()))
-    finally:
-        if served:
-            served.stop()
+    for i in range(rounds):
+        for m in measures:
+            samples[m].append(served_round({"x": side}, m, ("x",))["x"] if m.startswith("serve:") else one_run(side, m))
+        if progress:
+            progress(f"round {i + 1}/{rounds}: " + ", ".join(f"{m} {v[-1]:,.1f}" for m, v in samples.items()))
     got = Baseline(BASELINE_VERSION, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), host_id(),
                    engine_info(side.engine, frozen, digest),
                    {"path": str(Path(side.model).resolve()), "digest": model_digest(side.model),

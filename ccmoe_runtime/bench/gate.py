@@ -21,7 +21,7 @@ from ..engine.tools import run_measured, tool_failure
 from ..model.inventory import read_gguf
 from .bench import quick_hash
 from .history import append_history, check_history
-from .serving import ServedPair
+from .serving import paired_served
 from .verdict import decide, summary_line
 
 GATE_VERSION = 2         # 2: measures "serve:tg"/"serve:pp"; a side's flags; verdict lines hold only the verdict
@@ -129,23 +129,13 @@ def run_gate(a: Side, b: Side, depths: list[int], max_regression: float, max_sec
     measures = measures_for(depths, serve)
     started = time.monotonic()
     result = GateResult(GATE_VERSION, describe(a), describe(b), max_regression)
-    servers = None
-    try:
-        if serve:
-            servers = ServedPair(a, b).start()
-        for m in measures:
-            if m.startswith("serve:"):
-                run_a, run_b = servers.runner("a", m), servers.runner("b", m)
-            else:
-                run_a, run_b = (lambda m=m: one_run(a, m)), (lambda m=m: one_run(b, m))
-            look = (lambda v, m=m: progress(f"  {m}: look at {v.rounds} rounds: B/A {v.ratio:.3f} "
-                                            f"[{v.low:.3f}, {v.high:.3f}]")) if progress else None
-            v = decide(paired_rounds(run_a, run_b), max_regression, time_limit_s=max_seconds / len(measures),
-                       progress=look)
-            result.verdicts[m] = {**v.to_dict(), "line": summary_line(v)}
-    finally:
-        if servers:
-            servers.stop()
+    for m in measures:
+        rounds = paired_served(a, b, m) if m.startswith("serve:") else \
+            paired_rounds(lambda m=m: one_run(a, m), lambda m=m: one_run(b, m))
+        look = (lambda v, m=m: progress(f"  {m}: look at {v.rounds} rounds: B/A {v.ratio:.3f} "
+                                        f"[{v.low:.3f}, {v.high:.3f}]")) if progress else None
+        v = decide(rounds, max_regression, time_limit_s=max_seconds / len(measures), progress=look)
+        result.verdicts[m] = {**v.to_dict(), "line": summary_line(v)}
     result.decision = worst([v["decision"] for v in result.verdicts.values()])
     result.seconds = round(time.monotonic() - started, 1)
     if history:

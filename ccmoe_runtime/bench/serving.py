@@ -1,7 +1,8 @@
 """The serving path as a gate measure: llama-server answering OpenAI chat requests, timed by its own `timings`.
 
 "serve:tg" is `predicted_per_second`, "serve:pp" is `prompt_per_second` of one non-streamed
-/v1/chat/completions request, the best of REQUESTS requests a round (noise only slows a request down): a prompt of about N_PROMPT tokens opened by a fresh random word (so llama-server's
+/v1/chat/completions request, the best of REQUESTS requests a round (noise only slows a request down), each round
+on freshly started servers with A's and B's requests taken in turn (`served_round`): a prompt of about N_PROMPT tokens opened by a fresh random word (so llama-server's
 prompt cache cannot reuse it; `cache_prompt` is off as well), N_GEN tokens generated with end-of-text ignored.
 """
 
@@ -57,37 +58,50 @@ class Served:
 
     def start(self) -> "Served":
         self.server.start()
-        chat_timings(self.server.base_url)          # a warm-up request, not counted
-        return self
-
-    def rate(self, measure: str) -> float:
-        if not self.server.alive():
-            raise CcmoeError(f"llama-server for {self.server.cfg.model} died while the gate ran",
-                             f"see its log {self.server.log_path}", EXIT_SERVER)
-        return max(float(chat_timings(self.server.base_url)[TIMING[measure]]) for _ in range(REQUESTS))
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-class ServedPair:
-    """Two llama-servers, A's and B's, up for the whole gate; requests to them alternate round by round."""
-
-    def __init__(self, a, b):
-        self.served = {"a": Served(a), "b": Served(b)}
-
-    def start(self) -> "ServedPair":
         try:
-            for s in self.served.values():
-                s.start()
+            chat_timings(self.server.base_url)          # a warm-up request, not counted
         except BaseException:
             self.stop()
             raise
         return self
 
-    def runner(self, who: str, measure: str):
-        return lambda: self.served[who].rate(measure)
+    def one(self, measure: str) -> float:
+        """One request's tokens/s of `measure`."""
+        if not self.server.alive():
+            raise CcmoeError(f"llama-server for {self.server.cfg.model} died while the gate ran",
+                             f"see its log {self.server.log_path}", EXIT_SERVER)
+        return float(chat_timings(self.server.base_url)[TIMING[measure]])
 
     def stop(self) -> None:
-        for s in self.served.values():
-            s.stop()
+        self.server.stop()
+
+
+def served_round(sides: dict, measure: str, order: tuple[str, ...]) -> dict[str, float]:
+    """One round: a fresh llama-server per side (started in `order`), REQUESTS requests of each taken in turn,
+    the servers stopped; each side's best. Fresh servers, as llama-bench rounds are fresh processes: a long-lived
+    one keeps where the scheduler put it for seconds to minutes, and two long-lived servers gave A against A
+    2.38 [1.95, 3.17] on the CI VM, an interval that more rounds of the same two processes cannot fix."""
+    servers: dict[str, Served] = {}
+    try:
+        for who in order:
+            servers[who] = Served(sides[who]).start()
+        got: dict[str, list[float]] = {who: [] for who in order}
+        for _ in range(REQUESTS):
+            for who in order:
+                got[who].append(servers[who].one(measure))
+        return {who: max(v) for who, v in got.items()}
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def paired_served(a, b, measure: str):
+    """next_round for `decide` on a serve measure: A first on odd rounds, B first on even ones."""
+    turn = [0]
+
+    def one_round():
+        turn[0] += 1
+        got = served_round({"a": a, "b": b}, measure, ("a", "b") if turn[0] % 2 else ("b", "a"))
+        return got["a"], got["b"]
+
+    return one_round
