@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             print(log.read_text()[-3000:], file=sys.stderr)
             return code
         rows[stage] = (seconds, rss)
+        if a.json:              # after every stage: a run stopped midway keeps what it measured
+            a.json.write_text(json.dumps({"stages": {k: {"seconds": s, "peak_rss_bytes": r}
+                                                     for k, (s, r) in rows.items()}}, indent=1) + "\n")
     factors = scale_factors(inv, a.threads)
     factors["llama-imatrix"] = factors["statistics"] * chunk_scale
     if a.imatrix_chunks:

@@ -183,3 +183,21 @@ def test_inventory_of_a_llama_quantize_output(engine, bundled_model, tmp_path):
     assert q.total_bytes < 0.4 * f16.total_bytes
     assert set(q.types_by_class["routed_expert"]) <= {"Q4_K", "Q6_K", "Q5_K", "Q8_0"}
     assert set(q.types_by_class["norm"]) == {"F32"}
+
+
+@pytest.mark.slow
+def test_the_header_parser_reads_what_gguf_py_reads_and_skips_a_large_vocabulary_fast(tmp_path, deepseek2_model):
+    import time
+
+    from ccmoe_runtime.model.inventory import _read_gguf_shard_gguf_py, read_gguf_shard
+
+    spec = SynthSpec(arch="deepseek2", n_layer=2, n_dense_lead=1, n_embd=64, n_expert=4, n_expert_used=2,
+                     vocab_size=129280, seed=3)      # DeepSeek-V3's vocabulary size
+    big_vocab = write_random_gguf(spec, tmp_path / "vocab.gguf", qtype="q8_0")
+    for path in (deepseek2_model, big_vocab):
+        started = time.perf_counter()
+        fast = read_gguf_shard(path)
+        took = time.perf_counter() - started
+        assert fast == _read_gguf_shard_gguf_py(path)
+    assert fast[0]["tokenizer.ggml.tokens"] == {"array_len": 129280}
+    assert took < 1.0, took                    # gguf-py's reader needs ~10 s here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,8 +172,97 @@ def _check_gguf_header(path: Path) -> None:
                          "convert it first (llama.cpp convert_hf_to_gguf.py) or pass the .gguf file")
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY, _LONG_ARRAY = 8, 9, 64
+
+
+def _parse_header(buf, size: int) -> tuple[dict, list[tuple[str, list[int], int, int]], int]:
+    """Little-endian GGUF v2/v3 header: metadata (arrays over 64 items as their length only, without decoding
+    them: a 129k-token vocabulary costs a skip, not a minute) and (name, shape, ggml type, offset) per tensor."""
+    import struct
+
+    pos = 8
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, pos)
+    pos += 16
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > size:
+            raise ValueError(f"a string of {n} bytes past the end")
+        text = bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace")
+        pos += 8 + n
+        return text
+
+    def value(vtype: int, keep: bool = True):
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            sub, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if n > _LONG_ARRAY and sub in _SCALARS:
+                pos += n * struct.calcsize(_SCALARS[sub])
+                return {"array_len": n}
+            items = [value(sub, n <= _LONG_ARRAY) for _ in range(n)]
+            return items if n <= _LONG_ARRAY else {"array_len": n}
+        fmt = _SCALARS.get(vtype)
+        if fmt is None:
+            raise ValueError(f"unknown value type {vtype}")
+        (v,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v if keep else None
+
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        metadata[key] = value(vtype)
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        shape = list(struct.unpack_from(f"<{n_dims}Q", buf, pos + 4))
+        kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        tensors.append((name, shape, kind, offset))
+    align = int(metadata.get("general.alignment", 32) or 32)
+    return metadata, tensors, -(-pos // align) * align
+
+
 def read_gguf_shard(path: Path) -> tuple[dict, list[TensorInfo]]:
     """Metadata and tensor list of one GGUF file, checked against the file's size."""
+    import mmap
+    import struct
+
+    import gguf
+
+    _check_gguf_header(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+                raise ValueError(f"GGUF version {struct.unpack_from('<I', buf, 4)[0]} (or big-endian)")
+            metadata, infos, data_start = _parse_header(buf, size)
+        tensors, end = [], 0
+        for name, shape, kind, offset in infos:
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = math.prod(shape) // block * type_size
+            tensors.append(TensorInfo(name, shape, qtype.name, n_bytes))
+            end = max(end, data_start + offset + n_bytes)
+    except (ValueError, struct.error, KeyError, OverflowError, MemoryError) as e:
+        raise CcmoeError(f"{path} is a damaged or truncated GGUF ({type(e).__name__}: {e})",
+                         "download or convert the file again") from None
+    if end > size:
+        raise CcmoeError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}",
+                         "download or convert the file again")
+    return metadata, tensors
+
+
+def _read_gguf_shard_gguf_py(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """read_gguf_shard through gguf-py's reader (slow on large vocabularies): what the fast parser must match."""
     import gguf
 
     _check_gguf_header(path)
