@@ -1,7 +1,7 @@
 """Quality per byte: ccmoe plans against llama.cpp's standard type mixes (the bundled or the reference model).
 
 Usage: python benchmarks/plan_vs_mixes.py WORKDIR [--model PATH] [--plans-at IQ2_XXS,Q2_K,IQ3_XXS,Q3_K_S]
-           [--mixes Q2_K,...] [--chunks N] [--priors-plan] [--cc-moe] [--ladder TYPES] [--threads N]
+           [--mixes Q2_K,...] [--chunks N] [--priors-plan] [--cc-moe] [--ladder TYPES] [--no-impact] [--threads N]
 
 --model defaults to the bundled model; a GGUF from `ccmoe-run train-reference` (it carries `ccmoe.training`)
 is measured on the reference corpus (Python docs to calibrate, GNU standards held out), any other on the
@@ -9,6 +9,8 @@ bundled corpus.
 1. `ccmoe-run measure` on calibration text (the first 200 KB of the corpus's training part): imatrix, expert
    statistics, per-type errors and output impact. --ladder: the types the plan may choose (default: the
    planner's; a model whose rows are shorter than 256 needs 32-weight types such as Q4_0,Q5_0,IQ4_NL,Q8_0).
+   --no-impact skips the probe builds (hours on a loaded 2-core machine): the measured plan then weighs the
+   imatrix-weighted errors by expert usage alone.
 2. Every mix of --mixes built by llama-quantize with that imatrix; plans at exactly the size of the mixes named
    by --plans-at, built by `ccmoe-run build`; --priors-plan adds the weight-less plan (Gaussian rows x the
    shipped class priors, no measurement of this model) at the same sizes; --cc-moe adds the CC-MoE recipe's
@@ -121,6 +123,7 @@ def main() -> None:
     ap.add_argument("--priors-plan", action="store_true")
     ap.add_argument("--cc-moe", action="store_true")
     ap.add_argument("--ladder", default=None, help="comma-separated candidate types (default: the planner's)")
+    ap.add_argument("--no-impact", action="store_true", help="no impact probes: errors x expert usage")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     work, threads = args.work, args.threads
@@ -132,10 +135,13 @@ def main() -> None:
     calib = work / "calib.txt"
     calib.write_text(corpus.train.read_text()[:200_000])
     folder = work / "measure"
-    if not measurement_paths(folder, model)["impact"].is_file():
-        measure_model(engine, model, calib, folder, ctx=256, chunks=100, impact=True, force=True, threads=threads,
+    done = measurement_paths(folder, model)["sensitivity" if args.no_impact else "impact"]
+    if not done.is_file():
+        measure_model(engine, model, calib, folder, ctx=256, chunks=100, impact=not args.no_impact, force=True,
+                      threads=threads,
                       types=tuple(args.ladder.split(",")) if args.ladder else None)
     prof = load_measurements(folder, model)
+    impact = None if args.no_impact else prof.impact
     reference = work / "heldout.kld"
     if not reference.exists():
         save_reference_logits(engine, model, corpus.heldout, reference, threads=threads, chunks=args.chunks)
@@ -161,12 +167,12 @@ def main() -> None:
     ladder = {"types": tuple(args.ladder.split(","))} if args.ladder else {}
     priors = prior_sensitivity(engine, inv, **ladder) if args.priors_plan else None
     for at, size in targets:
-        for label, sens, impact in (("plan", prof.sensitivity, prof.impact), ("priors plan", priors, None)):
+        for label, sens, imp in (("plan", prof.sensitivity, impact), ("priors plan", priors, None)):
             name = f"{label}@{at}"
             if sens is None or name in rows:
                 continue
             path = work / f"{label.replace(' ', '-')}@{at}.gguf"
-            rows[name] = plan_row(engine, model, inv, sens, impact, size, path, prof.imatrix, reference, n_params,
+            rows[name] = plan_row(engine, model, inv, sens, imp, size, path, prof.imatrix, reference, n_params,
                                   threads, rows)
             path.unlink()
             out.write_text(json.dumps(rows, indent=1) + "\n")
