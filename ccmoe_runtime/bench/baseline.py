@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.artifacts import SCHEMA_PREFIX, file_sha256, save_artifact
-from ..core.errors import CcmoeError
+from ..core.errors import EXIT_RESOURCE, CcmoeError
 from ..core.files import check_writable, read_text
 from ..core.paths import cache_root
 from ..engine.build import Engine
@@ -166,7 +166,7 @@ def freeze_engine(engine: Engine) -> tuple[Path, str]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CcmoeError(f"cannot freeze the engine into {dest.parent} ({e.strerror or e})",
-                         "free space in the cache (CCMOE_CACHE_DIR) and record again", 4) from None
+                         "free space in the cache (CCMOE_CACHE_DIR) and record again", EXIT_RESOURCE) from None
     return dest / "bin", digest
 
 
