@@ -133,3 +133,108 @@ def test_knee_is_the_most_tok_s_per_unit_of_kld_and_targets_select_their_points(
         select(pts, 1, min_tps=18)
     with pytest.raises(CcmoeError, match="best predicts 0.048"):
         select(pts, 1, max_kld=0.01)
+
+
+# ---------------------------------------------------------------- compress --device on the bundled model
+
+def _tiny_gpu_profile(path, spare_bytes: int) -> str:
+    """A CUDA profile whose GPU holds llama.cpp's buffers for the bundled model at --ctx 8192 plus `spare_bytes`
+    of weights (the bundled model is 16 MB): some tensors must live in host memory."""
+    from ccmoe_runtime.devices import get_profile
+    from ccmoe_runtime.model.sources import open_inventory
+    from ccmoe_runtime.placement.costmodel import default_factors, tensor_loads
+    from ccmoe_runtime.placement.layout import Settings
+    from ccmoe_runtime.placement.memory import SearchContext, pool_capacities, pool_use
+
+    inv, dev = open_inventory("bundled"), get_profile("cuda-rtx4090-24g")
+    loads = tensor_loads(inv)
+    cx = SearchContext(inv, dev, default_factors(dev), Settings(ctx=8192), loads, "gpu", 4)
+    need = pool_use(cx, {ld.name: "cpu" for ld in loads}, "f16", None, pool_capacities(dev))["gpu"]
+    gb = (need.total - need.weights + spare_bytes) / 1e9
+    path.write_text(f'name = "tiny-gpu"\ndescription = "a GPU with room for a few MB of weights"\nbackend = "cuda"\n'
+                    f'threads = 2\nos_reserve_gb = 1.0\nlink_bandwidth_gbs = 25.0\nslow_types = []\n'
+                    f'unsupported_types = []\n\n[[pools]]\nname = "vram"\nkind = "gpu"\ncapacity_gb = {gb:.6f}\n'
+                    f'usable_fraction = 1.0\nbandwidth_gbs = 1000.0\n\n[[pools]]\nname = "ram"\nkind = "cpu"\n'
+                    f'capacity_gb = 16.0\nusable_fraction = 0.9\nbandwidth_gbs = 50.0\n')
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compressed(engine, bundled_model, corpus, tmp_path_factory):
+    """`compress --device cpu` of the bundled model (measure, frontier, build), then `compress --device` a GPU
+    with room for 4 MB of weights from the same measurements."""
+    import shutil
+
+    from conftest import run_cli
+
+    work = tmp_path_factory.mktemp("compress-device")
+    cpu = run_cli("compress", str(bundled_model), "--device", "cpu", "--no-impact", "-o", str(work / "cpu.gguf"),
+                  "-t", "2", timeout=900)
+    assert cpu.returncode == 0, cpu.stderr
+    shutil.copytree(work / "cpu.ccmoe", work / "gpu.ccmoe")
+    profile = _tiny_gpu_profile(work / "tiny-gpu.toml", 4 * 2**20)
+    gpu = run_cli("compress", str(bundled_model), "--device", profile, "-o", str(work / "gpu.gguf"), "-t", "2",
+                  "--json", timeout=900)
+    assert gpu.returncode == 0, gpu.stderr
+    return work, cpu.stdout, json.loads(gpu.stdout), profile
+
+
+@pytest.mark.slow
+def test_compress_device_writes_the_gguf_types_rules_and_layout_together(compressed):
+    from ccmoe_runtime.model.inventory import read_gguf
+    from ccmoe_runtime.placement.layout import load_placement
+
+    work, text, _, _ = compressed
+    names = sorted(p.name for p in work.iterdir() if p.is_file() and p.name.startswith("cpu"))
+    assert names == ["cpu.gguf", "cpu.gguf.build.json", "cpu.layout.json", "cpu.ot.txt", "cpu.types.txt"]
+    f = load_frontier(work / "cpu.ccmoe" / "plan.frontier.json")
+    assert len(f.points) >= 2 and f.point.total_bytes <= f.budget.weights_bytes
+    built = {t.name: t.ggml_type for t in read_gguf(work / "cpu.gguf").tensors}
+    assert all(built[n] == t for n, t in f.point.types.items())         # the GGUF is the chosen point
+    lines = (work / "cpu.types.txt").read_text().split()
+    assert len(lines) == len(f.point.types) and all(f"={t.lower()}" in ln for ln, t in
+                                                     zip(lines, [f.point.types[n] for n in sorted(f.point.types)]))
+    layout = load_placement(work / "cpu.layout.json")
+    assert layout["device"] == "cpu" and set(layout["tensors"].values()) == {"cpu"} and layout["model_digest"]
+    assert "chosen (*)" in text and "wrote" in text
+
+
+@pytest.mark.slow
+def test_serve_dry_run_uses_the_layout_compress_wrote(compressed):
+    from conftest import run_cli
+
+    from ccmoe_runtime.placement.layout import load_placement
+
+    work, _, gpu, profile = compressed
+    layout = load_placement(work / "gpu.layout.json")
+    rules = (work / "gpu.ot.txt").read_text().split()
+    assert rules and rules == layout["overrides"]                        # some tensors in host memory: -ot rules
+    assert gpu["placement"]["server_args"][gpu["placement"]["server_args"].index("-ot") + 1] == ",".join(rules)
+    cpu_side = {n for n, w in layout["tensors"].items() if w == "cpu" and not n.startswith("token_embd.")}
+    point = gpu["frontier"]["points"][gpu["frontier"]["chosen"]]
+    assert point["pool_bytes"]["cpu"] > 0 and cpu_side
+    result = run_cli("serve", "--model", str(work / "gpu.gguf"), "--device", profile, "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)
+    assert served["placement"]["overrides"] == layout["overrides"]
+    assert served["placement"]["tensors"] == layout["tensors"]
+    assert any("gpu.layout.json" in n for n in served["placement"]["notes"])
+    # another device: the layout is not used, and serve says so
+    other = run_cli("serve", "--model", str(work / "gpu.gguf"), "--device", "cuda-rtx4090-24g", "--dry-run", "--json")
+    assert other.returncode == 0, other.stderr
+    assert any("made for tiny-gpu" in n for n in json.loads(other.stdout)["placement"]["notes"])
+
+
+@pytest.mark.slow
+def test_compress_device_bad_targets_fail_before_any_work(bundled_model, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "o.gguf"
+    result = run_cli("compress", str(bundled_model), "--device", "cpu", "--min-tps", "5", "--max-kld", "0.1",
+                     "-o", str(out))
+    assert result.returncode == 2 and "both given" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "o.layout.json").write_text("{}")
+    result = run_cli("compress", str(bundled_model), "--device", "cpu", "-o", str(out))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.layout.json"]

@@ -20,6 +20,7 @@ from ..compress.pipeline import (
 )
 from ..compress.frontier import summary_lines as frontier_lines
 from ..compress.plan import summary_lines
+from ..placement.summary import summary_lines as placement_lines
 from ..compress.quantize import build
 from ..compress.sensitivity import MAX_EXPERTS
 from ..compress.stages import STOP_STAGES
@@ -171,6 +172,7 @@ def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
 @click.argument("model", type=INVENTORY)
 @_plan_options
 @click.option("-o", "--out", type=OUTPUT, required=True, help="The GGUF to write.")
+@_target_options
 @click.option("--check", "check_only", is_flag=True,
               help="Only run the checks compress starts with (fit, disk, RAM); works on an inventory.")
 @_calib_option
@@ -181,10 +183,12 @@ def build_cmd(model, plan_path, out, imatrix, threads, force, as_json) -> None:
 @click.option("--threads", "-t", type=COUNT, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUT and redo every stage.")
 @click.option("--json", "as_json", is_flag=True)
-def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, check_only, calib,
-             imatrix_file, impact, stop_after, threads, force, as_json) -> None:
-    """Check fit, disk and RAM, then measure -> plan -> build; the artifacts stay in OUT's folder (OUT.ccmoe/), and
-    a run that was stopped or killed resumes from its last finished stage."""
+def compress(model, device, budget_gb, ctx, parallel, experts_used, original_experts, out, min_tps, max_kld, check_only,
+             calib, imatrix_file, impact, stop_after, threads, force, as_json) -> None:
+    """Check fit, disk and RAM, then measure -> frontier of types and pools -> build its knee (or the point
+    --min-tps/--max-kld ask for); beside OUT: OUT.types.txt, OUT.ot.txt and OUT.layout.json, which `serve` uses.
+    The measurements and the frontier stay in OUT's folder (OUT.ccmoe/), and a run that was stopped or killed
+    resumes from its last finished stage."""
     if check_only:
         echo_result(check_compress(find_engine(), model, device, out, ctx, parallel, budget_gb, impact, threads),
                     as_json)
@@ -192,7 +196,7 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
     with stage_bars() as bars:
         result = compress_model(find_engine(), model, device, out, calibration_text(calib), ctx, parallel, budget_gb,
                                 experts_used, original_experts, impact, threads, force, bars, imatrix_file, stop_after,
-                                say(as_json))
+                                say(as_json), min_tps, max_kld)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -201,7 +205,9 @@ def compress(model, device, budget_gb, ctx, parallel, experts_used, original_exp
                    "to go on from there")
         if result.plan is None:
             return
-    click.echo("\n".join(summary_lines(result.plan)))
+    click.echo("\n".join(frontier_lines(result.frontier) if result.frontier else summary_lines(result.plan)))
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
     if result.build:
         click.echo("\n".join(result.build.summary_lines()))
+    if result.placement:
+        click.echo("\n".join(placement_lines(result.placement)))

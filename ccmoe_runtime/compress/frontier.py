@@ -375,11 +375,16 @@ def knee_index(points: list[FrontierPoint]) -> int:
     return int(np.argmax([q.decode_tps / max(q.kld, 1e-12) for q in points])) if points else 0
 
 
+def check_targets(min_tps: float | None, max_kld: float | None) -> None:
+    """At most one of --min-tps and --max-kld."""
+    if min_tps is not None and max_kld is not None:
+        raise CcmoeError("--min-tps and --max-kld both given", "pass one of them (or neither for the knee)")
+
+
 def select(points: list[FrontierPoint], knee: int, min_tps: float | None = None,
            max_kld: float | None = None) -> tuple[int, str]:
     """The point the user asked for: the best KLD at --min-tps, the fastest at --max-kld, else the knee."""
-    if min_tps is not None and max_kld is not None:
-        raise CcmoeError("--min-tps and --max-kld both given", "pass one of them (or neither for the knee)")
+    check_targets(min_tps, max_kld)
     if min_tps is not None:
         ok = [i for i, q in enumerate(points) if q.decode_tps >= min_tps]
         if not ok:
@@ -404,8 +409,7 @@ def frontier(inv: ModelInventory, sens: dict, device: DeviceProfile, factors: Fa
              expert_stats: dict | None = None, experts_used: int | None = None, min_tps: float | None = None,
              max_kld: float | None = None) -> Frontier:
     """Trace the frontier by a sweep of lambda and pick the point asked for (knee by default)."""
-    if min_tps is not None and max_kld is not None:
-        select([], 0, min_tps, max_kld)
+    check_targets(min_tps, max_kld)
     summary = summarize(inv)
     loads = tensor_loads(inv, expert_stats)
     by_name = {ld.name: ld for ld in loads}
@@ -506,14 +510,16 @@ def table_lines(f: Frontier) -> list[str]:
     """One row per point: size, pools, predicted tok/s and KLD, bits (and pools) per class."""
     cols = [c for c in CLASS_COLUMNS if any(c in q.classes for q in f.points)]
     width = 9 if f.unified else 18
-    pools = "" if f.unified else f"{'gpu GB':>8} {'cpu GB':>8} "
-    head = (f"{'':2}{'#':>2} {'size GB':>8} {pools}{'tok/s':>7} {'prompt':>8} {'KLD':>9}  "
+    unit, scale = ("GB", GB) if max(q.file_bytes for q in f.points) >= GB else ("MB", 1e6)
+    pools = "" if f.unified else f"{'gpu ' + unit:>8} {'cpu ' + unit:>8} "
+    kld = "KLD" if f.objective == "predicted KLD" else "error"
+    head = (f"{'':2}{'#':>2} {'size ' + unit:>8} {pools}{'tok/s':>7} {'prompt':>8} {kld:>9}  "
             + " ".join(f"{CLASS_LABELS[c]:>{width}}" for c in cols))
     lines = [head]
     for i, q in enumerate(f.points):
         mark = "*" if i == f.chosen else ("k" if i == f.knee else " ")
-        pool = "" if f.unified else f"{q.pool_bytes.get('gpu', 0) / GB:>8.2f} {q.pool_bytes.get('cpu', 0) / GB:>8.2f} "
-        lines.append(f"{mark:2}{i:>2} {q.file_bytes / GB:>8.2f} {pool}{q.decode_tps:>7.1f} {q.prompt_tps:>8.0f} "
+        pool = "" if f.unified else f"{q.pool_bytes.get('gpu', 0) / scale:>8.2f} {q.pool_bytes.get('cpu', 0) / scale:>8.2f} "
+        lines.append(f"{mark:2}{i:>2} {q.file_bytes / scale:>8.2f} {pool}{q.decode_tps:>7.1f} {q.prompt_tps:>8.0f} "
                      f"{q.kld:>9.5f}  " + " ".join(f"{class_cell(q.classes.get(c), f.unified):>{width}}" for c in cols))
     return lines
 

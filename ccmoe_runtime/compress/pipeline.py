@@ -15,9 +15,13 @@ from ..core.errors import CcmoeError
 from ..core.files import check_writable, write_atomic
 from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
+from ..placement.costmodel import load_factors
+from ..placement.layout import Placement, Settings
+from ..placement.pinned import layout_path, place_as, save_layout
+from ..placement.search import place
 from ..model.inventory import ModelInventory, read_gguf, require_moe, summarize
 from .checks import CheckResult, preflight
-from .frontier import FRONTIER_KIND, FRONTIER_VERSION, Frontier, frontier_model, point_plan
+from .frontier import FRONTIER_KIND, FRONTIER_VERSION, Frontier, check_targets, frontier_model, point_plan
 from .measure import Measurements, load_measurements, measure_model
 from .plan import (
     PLAN_KIND,
@@ -119,19 +123,31 @@ def load_plan(path: Path) -> Plan:
 
 @dataclass
 class CompressResult:
-    """What `compress` left: the measurements' folder, the plan and its files, and the build."""
+    """What `compress` left: the measurements' folder, the plan and its files, the build, and the frontier point's
+    files beside the GGUF (tensor types, -ot rules, layout) with the layout's placement."""
 
     work: str
     plan: Plan | None
     files: dict[str, Path]
     build: BuildResult | None
     stopped_after: str | None = None      # --stop-after: the last stage run
+    frontier: Frontier | None = None
+    placement: Placement | None = None    # the layout written beside the GGUF
 
     def to_dict(self) -> dict:
-        return {"work": self.work, "stopped_after": self.stopped_after,
-                "plan": {k: v for k, v in self.plan.to_dict().items() if k != "tensors"} if self.plan else None,
-                "files": {k: str(p) for k, p in self.files.items()},
-                "build": self.build.to_dict() if self.build else None}
+        d = {"work": self.work, "stopped_after": self.stopped_after,
+             "plan": {k: v for k, v in self.plan.to_dict().items() if k != "tensors"} if self.plan else None,
+             "files": {k: str(p) for k, p in self.files.items()},
+             "build": self.build.to_dict() if self.build else None}
+        if self.frontier:
+            f = self.frontier
+            d["frontier"] = {"chosen": f.chosen, "knee": f.knee, "chosen_why": f.chosen_why,
+                             "points": [{k: v for k, v in q.to_dict().items() if k not in ("types", "where")}
+                                        for q in f.points]}
+        if self.placement:
+            d["placement"] = {"server_args": self.placement.launch_args(),
+                              "predicted": self.placement.predicted_empty.to_dict(), "notes": self.placement.notes}
+        return d
 
 
 def work_folder(out: Path) -> Path:
@@ -159,11 +175,16 @@ def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceP
                    parallel: int = 1, budget_gb: float | None = None, experts_used: int | None = None,
                    original_experts: int | None = None, impact: bool | None = None, threads: int | None = None,
                    force: bool = False, progress=None, imatrix: Path | None = None, stop_after: str | None = None,
-                   say=None) -> CompressResult:
-    """measure -> plan -> build; the artifacts stay in OUT.ccmoe/, and a stage that finished there from the same
-    inputs is skipped (a killed run resumes); `stop_after` ends after that stage (STOP_STAGES)."""
+                   say=None, min_tps: float | None = None, max_kld: float | None = None) -> CompressResult:
+    """measure -> frontier of types and pools -> build its chosen point (knee, --min-tps or --max-kld); the
+    artifacts stay in OUT.ccmoe/, and a stage that finished there from the same inputs is skipped (a killed run
+    resumes); `stop_after` ends after that stage (STOP_STAGES). Once the GGUF is built and verified, its
+    tensor-type file, -ot rules and layout are written beside it."""
+    check_targets(min_tps, max_kld)
     inv = model if isinstance(model, ModelInventory) else read_gguf(model)
     check_writable(out, force, what="compressed model")
+    for p in device_files(out).values():
+        check_writable(p, force, what="compressed model's side file")
     preflight(engine, inv, device, out, ctx, parallel, budget_gb, impact, threads=threads)
     model = weights_path(inv, "compress")
     work = work_folder(out)
@@ -173,16 +194,53 @@ def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceP
     if stop_after in ("statistics", "sensitivity", "impact"):
         return CompressResult(str(work), None, {}, None, stop_after)
     key = log.key("plan", log.outputs_of("impact"), log.outputs_of("sensitivity"), device, ctx, parallel, budget_gb,
-                  experts_used, original_experts)
+                  experts_used, original_experts, min_tps, max_kld)
     log.start("plan")                        # seconds at any size: always planned again, but timed and recorded
-    plan = plan_model(engine, inv, device, ctx, parallel, budget_gb, load_measurements(work, model), experts_used,
-                      original_experts)
-    files = save_plan(plan, work / "plan.json", force=True)
+    measured = load_measurements(work, model)
+    f, plan = plan_frontier(engine, inv, device, ctx, parallel, budget_gb, measured, experts_used, original_experts,
+                            min_tps, max_kld)
+    files = save_frontier_plan(f, plan, work / "plan.json", force=True)
     log.finish("plan", key, list(files.values()))
     if stop_after == "plan":
-        return CompressResult(str(work), plan, files, None, stop_after)
+        return CompressResult(str(work), plan, files, None, stop_after, f)
     log.start("build")                       # build's own record (OUT.gguf.build.json) skips an unchanged build
     built = build(engine, model, plan, out, Path(plan.imatrix) if plan.imatrix else None, force, threads,
                   progress("quantizing") if progress else None)
+    placement = layout_of(engine, f, out, device, ctx, parallel, measured.expert_stats)
+    files.update(save_device_files(plan, placement, out))
     log.finish("build", "", [out])
-    return CompressResult(str(work), plan, files, built)
+    return CompressResult(str(work), plan, files, built, None, f, placement)
+
+
+def device_files(out: Path) -> dict[str, Path]:
+    """What `compress --device` writes beside OUT.gguf: OUT.types.txt, OUT.ot.txt (-ot rules) and OUT.layout.json."""
+    out = Path(out)
+    stem = out.name.removesuffix(".gguf")
+    return {"types": out.with_name(f"{stem}.types.txt"), "rules": out.with_name(f"{stem}.ot.txt"),
+            "layout": layout_path(out)}
+
+
+def layout_of(engine: Engine, f: Frontier, out: Path, device: DeviceProfile, ctx: int, parallel: int,
+              stats: dict | None) -> Placement:
+    """The placement of the built GGUF with the chosen point's pools (memory from llama.cpp's dry run); when
+    llama.cpp measures more than the point's estimate, the placement search's on that file instead."""
+    inv = read_gguf(out)
+    factors = load_factors(device)
+    settings = Settings(ctx=ctx, parallel=parallel)
+    note = f"tensor pools chosen with the types by `compress --device {device.name}` (frontier point #{f.chosen})"
+    try:
+        return place_as(inv, device, factors, settings, f.point.where, stats, engine, out, note)
+    except CcmoeError as e:
+        p = place(inv, device, factors, settings, engine, out, stats)
+        p.notes.append(f"the frontier point's pools did not fit ({e.problem}); placed by the search instead")
+        return p
+
+
+def save_device_files(plan: Plan, placement: Placement, out: Path) -> dict[str, Path]:
+    """The tensor-type file, the -ot rules (one a line) and the layout that `serve --model OUT.gguf` uses."""
+    files = device_files(out)
+    write_atomic(files["types"], ("\n".join(tensor_type_lines(plan)) + "\n").encode(), force=True)
+    rules = placement.overrides or ["# no -ot rules: every tensor on the device's main backend"]
+    write_atomic(files["rules"], ("\n".join(rules) + "\n").encode(), force=True)
+    save_layout(placement, out, files["layout"])
+    return files

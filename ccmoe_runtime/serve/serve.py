@@ -24,6 +24,7 @@ from ..engine.server import (
     streamed_chat,
 )
 from ..placement.layout import Settings
+from ..placement.pinned import place_from_layout
 from ..placement.search import PlacedModel, place_model, repredict
 from ..placement.startcache import forget
 from ..placement.summary import summary_lines
@@ -97,8 +98,12 @@ def plan_server(engine: Engine | None, model: Path, device: DeviceProfile, setti
     check_port(port)
     resolve_host(host, port)
     check_cors_origins(cors_origins)
-    placed = place_model(engine, model, device, settings, stats_file, calibration, trial, start_cache)
+    found, note = place_from_layout(engine, model, device, settings, stats_file, calibration)  # compress --device's
+    placed = PlacedModel(*found) if found else place_model(engine, model, device, settings, stats_file, calibration,
+                                                           trial, start_cache)
     p = placed.placement
+    if note and not found:
+        p.notes.append(note)
     cfg = ServerConfig(model=model, host=host, port=port, ctx=settings.ctx, parallel=settings.parallel,
                        threads=p.threads, api_key=api_key, cors_origins=cors_origins, extra_args=p.server_args())
     warnings = []
