@@ -183,8 +183,8 @@ def compress_model(engine: Engine, model: Path | ModelInventory, device: DeviceP
     check_targets(min_tps, max_kld)
     inv = model if isinstance(model, ModelInventory) else read_gguf(model)
     check_writable(out, force, what="compressed model")
-    for p in device_files(out).values():
-        check_writable(p, force, what="compressed model's side file")
+    for p in device_files(out).values():          # they belong to OUT: replaced whenever OUT may be written
+        check_writable(p, True, what="compressed model's side file")
     preflight(engine, inv, device, out, ctx, parallel, budget_gb, impact, threads=threads)
     model = weights_path(inv, "compress")
     work = work_folder(out)
