@@ -31,6 +31,8 @@ class EvalResult:
     ppl: float
     ppl_base: float
     chunks: int
+    same_top_se: float | None = None    # llama.cpp's standard errors (None when its summary was lost)
+    ppl_se: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,10 +42,15 @@ class EvalResult:
         return [f"model       {self.model} ({human_size(self.model_bytes)})",
                 f"reference   {self.reference} ({human_size(self.reference_bytes)})",
                 f"text        {self.text} ({self.chunks} chunks of {self.ctx} tokens)",
-                f"perplexity  {self.ppl:.4f} (reference {self.ppl_base:.4f})",
+                f"perplexity  {self.ppl:.4f}{_pm(self.ppl_se, 4)} (reference {self.ppl_base:.4f})",
                 f"mean KLD    {self.mean_kld:.5f} ± {self.mean_kld_se:.5f}",
                 f"p99 KLD     {p99}",
-                f"same top    {100 * self.same_top:.2f} % of tokens"]
+                f"same top    {100 * self.same_top:.2f}{_pm(self.same_top_se and 100 * self.same_top_se, 2)} % of tokens"]
+
+
+def _pm(se: float | None, digits: int) -> str:
+    """' ± se' when llama.cpp reported a standard error, else nothing."""
+    return f" ± {se:.{digits}f}" if se is not None else ""
 
 
 def check_same_vocabulary(model: Path, reference: Path) -> None:
