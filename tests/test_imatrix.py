@@ -13,6 +13,8 @@ from conftest import run_cli
 from ccmoe_runtime.compress.imatrix import expert_token_counts, read_imatrix_file, write_imatrix_gguf
 from ccmoe_runtime.compress.measure import load_measurements, measure_model
 from ccmoe_runtime.compress.pipeline import plan_model
+from ccmoe_runtime.compress.stats import STREAMED_SEQUENCES, imatrix_sequences
+from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.devices import get_profile
 from ccmoe_runtime.engine.tools import quantize, run_imatrix
 from ccmoe_runtime.model.inventory import read_gguf
@@ -48,6 +50,25 @@ def test_a_given_imatrix_gives_the_same_measurements_and_plan_as_computing_it(en
     b = _plan(engine, bundled_model, load_measurements(tmp_path, bundled_model))
     assert {n: t.type for n, t in a.tensors.items()} == {n: t.type for n, t in b.tensors.items()}
     assert len({t.type for t in a.tensors.values()}) > 1              # a real choice, not one type everywhere
+
+
+@pytest.mark.slow
+def test_batched_chunks_give_the_same_imatrix_as_one_chunk_per_batch(engine, bundled_model, calib, computed, tmp_path):
+    # a streamed model is read once per batch: 4 chunks per batch must not change what llama-imatrix collects
+    batched = read_imatrix_file(run_imatrix(engine, bundled_model, calib, tmp_path / "b.gguf", ctx=256, chunks=8,
+                                            threads=2, sequences=4))
+    one = read_imatrix_file(computed.imatrix)
+    assert batched.chunk_count == one.chunk_count == 8 and batched.sums.keys() == one.sums.keys()
+    for name, s in one.sums.items():
+        assert np.array_equal(batched.counts[name], one.counts[name]), name
+        assert np.allclose(batched.sums[name], s, rtol=1e-3, atol=1e-6), name
+
+
+def test_only_a_model_larger_than_ram_is_batched():
+    # in RAM each weight is read from memory anyway; streamed, 64 chunks in batches of 8 read the disk 8 times
+    assert imatrix_sequences(10 * GB, 100 * GB, 64) == 1
+    assert imatrix_sequences(1000 * GB, 100 * GB, 64) == STREAMED_SEQUENCES == 8
+    assert imatrix_sequences(1000 * GB, 100 * GB, 3) == 3          # never more sequences than chunks
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from ..core.errors import EXIT_RESOURCE, CcmoeError
 from ..core.units import GB, gb_text
 from ..devices.profiles import DeviceProfile
@@ -17,6 +19,7 @@ from ..model.inventory import ModelInventory
 from .impact import IMPACT_MAX_BYTES
 from .plan import device_budget
 from .sensitivity import prior_sensitivity
+from .stats import imatrix_sequences
 
 DISK_READ_BYTES_PER_S = 2 * 10**9  # assumed sequential read speed of the model's disk for streamed passes
 BUILD_BYTES_PER_S = 0.15 * 10**9   # assumed llama-quantize throughput per core, in source bytes
@@ -79,14 +82,8 @@ def free_bytes(path: Path) -> int:
 
 
 def available_ram() -> int:
-    """MemAvailable from /proc/meminfo (else total physical memory)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Memory available to a new process without swapping (MemAvailable on Linux)."""
+    return psutil.virtual_memory().available
 
 
 def hours(seconds: float) -> str:
@@ -107,7 +104,7 @@ def preflight(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: P
     free = free_bytes(Path(out).parent)
     ram = available_ram()
     streams = inv.file_bytes > ram
-    passes = chunks if streams else 1
+    passes = -(-chunks // imatrix_sequences(inv.file_bytes, ram, chunks)) if streams else 1
     read_s = passes * inv.file_bytes / DISK_READ_BYTES_PER_S
     build_s = inv.file_bytes / (BUILD_BYTES_PER_S * (threads or os.cpu_count() or 1))
     result = CheckResult(inv.source, low, budget.weights_bytes, needed, free, inv.file_bytes, ram, streams)
@@ -120,7 +117,8 @@ def preflight(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: P
                                              f"{gb_text(free)} free beside {out}"))
     result.checks.append(Check("ram", True, (
         f"model {gb_text(inv.file_bytes)} > {gb_text(ram)} available: the imatrix streams it from disk "
-        f"{chunks} times, ~{hours(read_s)} at {DISK_READ_BYTES_PER_S / GB:.0f} GB/s" if streams else
+        f"{passes} times ({chunks} chunks, {-(-chunks // passes)} per batch), ~{hours(read_s)} at "
+        f"{DISK_READ_BYTES_PER_S / GB:.0f} GB/s" if streams else
         f"model {gb_text(inv.file_bytes)} fits in {gb_text(ram)} available: one read, ~{hours(read_s)}")
         + f"; build ~{hours(build_s)}"))
     if not fit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from ..core.artifacts import file_sha256, save_artifact
 from ..core.errors import CcmoeError
@@ -14,6 +15,16 @@ from ..engine.tools import run_imatrix
 from ..model.experts import EXPERT_STATS_KIND, EXPERT_STATS_VERSION
 from ..model.inventory import model_digest, read_gguf, require_moe, summarize
 from .imatrix import expert_token_counts, fit_to_model, read_imatrix_file, write_imatrix_gguf
+
+STREAMED_SEQUENCES = 8      # chunks per llama-imatrix batch when the model is larger than the free RAM
+
+
+def imatrix_sequences(model_bytes: int, ram_bytes: int, chunks: int | None) -> int:
+    """Chunks llama-imatrix evaluates per batch: several when the model streams from disk (fewer reads), else 1."""
+    if model_bytes <= ram_bytes:
+        return 1
+    return max(1, min(STREAMED_SEQUENCES, chunks or STREAMED_SEQUENCES))
+
 
 def expert_counts(imatrix: Path) -> dict[int, np.ndarray]:
     """Per MoE layer, how many tokens were routed to each expert (llama-imatrix's `counts` for *_exps)."""
@@ -64,7 +75,8 @@ def measure_expert_stats(engine: Engine, model: Path, calibration: Path, out_dir
     else:
         tmp = temp_beside(dest)
         try:
-            run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads)
+            sequences = imatrix_sequences(inv.file_bytes, psutil.virtual_memory().available, chunks)
+            run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads, sequences=sequences)
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)

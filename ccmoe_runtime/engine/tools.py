@@ -168,10 +168,15 @@ def run_perplexity(engine: Engine, args: list[str], what: str, last_line: str = 
 
 
 def run_imatrix(engine: Engine, model: Path, text: Path, out: Path, ctx: int = 512, chunks: int | None = None,
-                threads: int | None = None, output_format: str = "gguf") -> Path:
-    """Run llama-imatrix on `text`, writing its imatrix to `out` (GGUF, or the legacy `dat` layout)."""
+                threads: int | None = None, output_format: str = "gguf", sequences: int = 1) -> Path:
+    """Run llama-imatrix on `text`, writing its imatrix to `out` (GGUF, or the legacy `dat` layout).
+
+    `sequences` > 1 evaluates that many chunks in one batch (-b = -ub = sequences x ctx): each weight is read
+    once per batch, so a model that streams from disk is read chunks/sequences times instead of once per chunk."""
     cmd = [str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx),
            "--output-format", output_format]
+    if sequences > 1:
+        cmd += ["-b", str(sequences * ctx), "-ub", str(sequences * ctx)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if threads:
