@@ -5,6 +5,7 @@ DeepSeek-V3 pruned to 192 experts (61 layers) on a 16-core, 128 GB machine.
 
 Usage: python benchmarks/rehearsal.py --work DIR [--size full|test] [--threads N] [--imatrix-chunks N]
                                      [--last STAGE] [--keep] [--json OUT]
+       python benchmarks/rehearsal.py --work DIR --report OUT.json   # the table of a saved run again
 
 Each stage runs as its own `ccmoe-run compress ... --stop-after STAGE` process (the next one resumes), so its
 peak RSS is that process's (wait4). The budget gives the rehearsal model the bits per weight the 192-expert
@@ -30,6 +31,7 @@ from ccmoe_runtime.compress.sensitivity import prior_sensitivity
 from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.engine.build import find_engine
 from ccmoe_runtime.compress.stages import STAGES
+from ccmoe_runtime.compress.stats import imatrix_sequences
 from ccmoe_runtime.devices import get_profile
 from ccmoe_runtime.model.inventory import read_gguf, summarize
 from ccmoe_runtime.model.synth import SynthSpec, builtin_inventory, deepseek_v3_spec, write_random_gguf
@@ -92,6 +94,33 @@ def scale_factors(model_inv, threads: int) -> dict[str, float]:
     }
 
 
+def streamed_imatrix_seconds(target_file_bytes: int, chunks: int = 64) -> float:
+    """The target's imatrix reads of a model larger than its RAM: one per batch of chunks, at the disk's speed."""
+    if target_file_bytes <= TARGET_RAM:
+        return 0.0
+    passes = -(-chunks // imatrix_sequences(target_file_bytes, TARGET_RAM, chunks))
+    return passes * target_file_bytes / TARGET_DISK_BPS
+
+
+def print_report(result: dict) -> float:
+    """Print the Markdown table of a rehearsal's numbers (a run's or a saved --json's); returns the total seconds."""
+    factors, stream_s = result["factors"], streamed_imatrix_seconds(result["target_file_bytes"])
+    total = 0.0
+    print(f"| stage | rehearsal ({result['params'] / 1e9:.1f}B params, {result['threads']} threads) | peak RSS "
+          f"| DSV3-192 on {TARGET_CORES} cores (extrapolated) |")
+    print("|---|---|---|---|")
+    for stage, row in result["stages"].items():
+        seconds, rss = row["seconds"], row["peak_rss_bytes"]
+        est = seconds * factors.get(stage, 1.0)
+        if stage in ("statistics", "llama-imatrix") and not (stage == "statistics" and result["imatrix_chunks"]):
+            est = max(est, stream_s)
+        if stage != "check":
+            total += est
+        print(f"| {stage} | {seconds:.1f} s | {rss / 2**30:.2f} GiB | {est / 3600:.2f} h |")
+    print(f"| total | | | {total / 3600:.2f} h |")
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
@@ -103,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Time llama-imatrix on this many 512-token chunks alone (scaled to compress's 64) and give "
                         "compress its output, instead of compress running it on 64.")
     p.add_argument("--last", choices=STAGES, default="build", help="The last stage to run (e.g. plan: no build).")
+    p.add_argument("--report", type=Path, default=None, help="Print the table of a saved --json and exit.")
     a = p.parse_args(argv)
+    if a.report:
+        print_report(json.loads(a.report.read_text()))
+        return 0
     a.work.mkdir(parents=True, exist_ok=True)
     model = a.work / f"rehearsal-{a.size}-q8_0.gguf"
     spec = rehearsal_spec(a.size)
@@ -153,20 +186,7 @@ def main(argv: list[str] | None = None) -> int:
               "stages": {k: {"seconds": s, "peak_rss_bytes": r} for k, (s, r) in rows.items()},
               "factors": factors, "target": TARGET, "target_file_bytes": target.file_bytes,
               "out_bytes": out.stat().st_size if out.is_file() else None, "imatrix_chunks": a.imatrix_chunks}
-    stream_s = 64 * target.file_bytes / TARGET_DISK_BPS if target.file_bytes > TARGET_RAM else 0.0
-    total = 0.0
-    print(f"| stage | rehearsal ({summarize(inv).total_params / 1e9:.1f}B params, {a.threads} threads) | peak RSS "
-          f"| DSV3-192 on {TARGET_CORES} cores (extrapolated) |")
-    print("|---|---|---|---|")
-    for stage, (seconds, rss) in rows.items():
-        est = seconds * factors.get(stage, 1.0)
-        if stage in ("statistics", "llama-imatrix") and not (stage == "statistics" and a.imatrix_chunks):
-            est = max(est, stream_s)
-        if stage != "check":
-            total += est
-        print(f"| {stage} | {seconds:.1f} s | {rss / 2**30:.2f} GiB | {est / 3600:.2f} h |")
-    print(f"| total | | | {total / 3600:.2f} h |")
-    result["extrapolated_total_s"] = total
+    result["extrapolated_total_s"] = print_report(result)
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     if not a.keep:
