@@ -89,7 +89,7 @@ def scale_factors(model_inv, threads: int) -> dict[str, float]:
         "sensitivity": n_tensors_t / n_tensors_s * cores,
         "impact": 1.0, "plan": n_tensors_t / n_tensors_s,
         # llama-quantize reads and requantizes every weight: grows with the parameter count
-        "build": target.file_bytes / model_inv.file_bytes * cores,
+        "build": t.total_params / s.total_params * cores,
         "moe_layers": moe,
     }
 

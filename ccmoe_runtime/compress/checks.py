@@ -15,14 +15,15 @@ from ..core.errors import EXIT_RESOURCE, CcmoeError
 from ..core.units import GB, gb_text
 from ..devices.profiles import DeviceProfile
 from ..engine.build import Engine
-from ..model.inventory import ModelInventory
+from ..model.inventory import ModelInventory, summarize
 from .impact import IMPACT_MAX_BYTES
 from .plan import device_budget
 from .sensitivity import prior_sensitivity
 from .stats import imatrix_sequences
 
 DISK_READ_BYTES_PER_S = 2 * 10**9  # assumed sequential read speed of the model's disk for streamed passes
-BUILD_BYTES_PER_S = 0.15 * 10**9   # assumed llama-quantize throughput per core, in source bytes
+BUILD_PARAMS_PER_S = 4.8e6        # llama-quantize per core, measured: 13.9B-parameter deepseek2 Q8_0 to a 1.8-bpw
+                                  # IQ1/IQ2 plan with an imatrix, 1446 s on 2 cores (benchmarks/rehearsal.py)
 IMATRIX_CHUNKS = 64
 
 
@@ -106,7 +107,7 @@ def preflight(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: P
     streams = inv.file_bytes > ram
     passes = -(-chunks // imatrix_sequences(inv.file_bytes, ram, chunks)) if streams else 1
     read_s = passes * inv.file_bytes / DISK_READ_BYTES_PER_S
-    build_s = inv.file_bytes / (BUILD_BYTES_PER_S * (threads or os.cpu_count() or 1))
+    build_s = summarize(inv).total_params / (BUILD_PARAMS_PER_S * (threads or os.cpu_count() or 1))
     result = CheckResult(inv.source, low, budget.weights_bytes, needed, free, inv.file_bytes, ram, streams)
     fit = low <= budget.weights_bytes
     result.checks.append(Check("fit", fit, f"the smallest plan needs {gb_text(low)}, the budget for weights is "
