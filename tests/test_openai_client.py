@@ -86,7 +86,8 @@ def test_chat_with_streaming(server):
     stream = _client(server).chat.completions.create(model="ccmoe-mini-moe-f16", max_tokens=32, stream=True,
                                                        messages=[{"role": "user", "content": "Once upon a time"}])
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
-    assert len(pieces) > 3 and "".join(pieces).strip()
+    assert len(pieces) > 3 and "".join(pieces)    # sampled text of a tiny model: now and then only spaces
+    assert sum(1 for p in pieces if p) > 3        # streamed token by token, not in one piece at the end
 
 
 def test_wrong_api_key_is_refused(server):
