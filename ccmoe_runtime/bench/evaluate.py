@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..compress.quality import cached_reference_logits, kl_divergence
+from ..compress.quality import Quality, cached_reference_logits, kl_divergence
 from ..core.errors import CcmoeError
 from ..core.files import read_text
 from ..core.units import human_size
@@ -14,9 +14,9 @@ from ..model.inventory import read_gguf
 from .history import append_history, check_history
 
 
-@dataclass
-class EvalResult:
-    """Perplexity, KL-divergence (mean with its standard error, p99) and top-token agreement against a reference."""
+@dataclass(kw_only=True)
+class EvalResult(Quality):
+    """What llama-perplexity measured (Quality: perplexity, KL-divergence, top-token agreement) and of which files."""
 
     model: str
     reference: str
@@ -24,18 +24,6 @@ class EvalResult:
     ctx: int
     model_bytes: int
     reference_bytes: int
-    mean_kld: float
-    mean_kld_se: float
-    p99_kld: float | None     # None when llama.cpp's logger lost the percentile lines at exit
-    same_top: float           # share of tokens whose most likely next token agrees with the reference (0..1)
-    ppl: float
-    ppl_base: float
-    chunks: int
-    same_top_se: float | None = None    # llama.cpp's standard errors (None when its summary was lost)
-    ppl_se: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def summary_lines(self) -> list[str]:
         p99 = f"{self.p99_kld:.5f}" if self.p99_kld is not None else "n/a (lost from llama.cpp's log)"
@@ -72,8 +60,9 @@ def evaluate(engine: Engine, model: Path, reference: Path, text: Path, ctx: int 
     check_same_vocabulary(model, reference)
     logits = cached_reference_logits(engine, reference, text, ctx, threads)
     q = kl_divergence(engine, model, logits, ctx=ctx, threads=threads)
-    result = EvalResult(str(model), str(reference), str(text), ctx, Path(model).stat().st_size,
-                        Path(reference).stat().st_size, **q.to_dict())
+    result = EvalResult(model=str(model), reference=str(reference), text=str(text), ctx=ctx,
+                        model_bytes=Path(model).stat().st_size, reference_bytes=Path(reference).stat().st_size,
+                        **q.to_dict())
     if history:
         append_history(history, "eval", result.to_dict())
     return result

@@ -19,11 +19,21 @@ from .imatrix import expert_token_counts, fit_to_model, read_imatrix_file, write
 STREAMED_SEQUENCES = 8      # chunks per llama-imatrix batch when the model is larger than the free RAM
 
 
+def available_ram() -> int:
+    """Memory available to a new process without swapping (MemAvailable on Linux)."""
+    return psutil.virtual_memory().available
+
+
 def imatrix_sequences(model_bytes: int, ram_bytes: int, chunks: int | None) -> int:
     """Chunks llama-imatrix evaluates per batch: several when the model streams from disk (fewer reads), else 1."""
     if model_bytes <= ram_bytes:
         return 1
     return max(1, min(STREAMED_SEQUENCES, chunks or STREAMED_SEQUENCES))
+
+
+def imatrix_reads(model_bytes: int, ram_bytes: int, chunks: int) -> int:
+    """Times llama-imatrix reads the model from disk: once per batch when it streams, else once."""
+    return -(-chunks // imatrix_sequences(model_bytes, ram_bytes, chunks)) if model_bytes > ram_bytes else 1
 
 
 def expert_counts(imatrix: Path) -> dict[int, np.ndarray]:
@@ -75,7 +85,7 @@ def measure_expert_stats(engine: Engine, model: Path, calibration: Path, out_dir
     else:
         tmp = temp_beside(dest)
         try:
-            sequences = imatrix_sequences(inv.file_bytes, psutil.virtual_memory().available, chunks)
+            sequences = imatrix_sequences(inv.file_bytes, available_ram(), chunks)
             run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads, sequences=sequences)
             tmp.replace(dest)
         finally:
