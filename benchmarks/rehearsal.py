@@ -31,7 +31,7 @@ from ccmoe_runtime.compress.sensitivity import prior_sensitivity
 from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.engine.build import find_engine
 from ccmoe_runtime.compress.stages import STAGES
-from ccmoe_runtime.compress.stats import imatrix_reads
+from ccmoe_runtime.compress.stats import model_reads
 from ccmoe_runtime.devices import get_profile
 from ccmoe_runtime.model.inventory import read_gguf, summarize
 from ccmoe_runtime.model.synth import SynthSpec, builtin_inventory, deepseek_v3_spec, write_random_gguf
@@ -98,7 +98,7 @@ def streamed_imatrix_seconds(target_file_bytes: int, chunks: int = 64) -> float:
     """The target's imatrix reads of a model larger than its RAM: one per batch of chunks, at the disk's speed."""
     if target_file_bytes <= TARGET_RAM:
         return 0.0
-    return imatrix_reads(target_file_bytes, TARGET_RAM, chunks) * target_file_bytes / TARGET_DISK_BPS
+    return model_reads(target_file_bytes, TARGET_RAM, chunks) * target_file_bytes / TARGET_DISK_BPS
 
 
 def print_report(result: dict) -> float:

@@ -13,7 +13,7 @@ from conftest import run_cli
 from ccmoe_runtime.compress.imatrix import expert_token_counts, read_imatrix_file, write_imatrix_gguf
 from ccmoe_runtime.compress.measure import load_measurements, measure_model
 from ccmoe_runtime.compress.pipeline import plan_model
-from ccmoe_runtime.compress.stats import STREAMED_SEQUENCES, imatrix_sequences
+from ccmoe_runtime.compress.stats import STREAMED_SEQUENCES, chunks_per_pass
 from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.devices import get_profile
 from ccmoe_runtime.engine.tools import quantize, run_imatrix
@@ -66,9 +66,9 @@ def test_batched_chunks_give_the_same_imatrix_as_one_chunk_per_batch(engine, bun
 
 def test_only_a_model_larger_than_ram_is_batched():
     # in RAM each weight is read from memory anyway; streamed, 64 chunks in batches of 8 read the disk 8 times
-    assert imatrix_sequences(10 * GB, 100 * GB, 64) == 1
-    assert imatrix_sequences(1000 * GB, 100 * GB, 64) == STREAMED_SEQUENCES == 8
-    assert imatrix_sequences(1000 * GB, 100 * GB, 3) == 3          # never more sequences than chunks
+    assert chunks_per_pass(10 * GB, 100 * GB, 64) == 1
+    assert chunks_per_pass(1000 * GB, 100 * GB, 64) == STREAMED_SEQUENCES == 8
+    assert chunks_per_pass(1000 * GB, 100 * GB, 3) == 3          # never more sequences than chunks
 
 
 @pytest.mark.slow

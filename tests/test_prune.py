@@ -121,6 +121,19 @@ def test_router_counts_equal_llama_imatrix_counts(arch, engine, calib, qwen3moe_
     assert load_router_stats(path)["layers"] == stats["layers"]
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_router_pass_of_several_chunks_at_once_counts_the_same(arch, engine, calib, qwen3moe_model, deepseek2_model):
+    # A model larger than RAM is read from disk once per pass, so router_stats then decodes several chunks per
+    # pass (one sequence each); the chunks, positions and BOS are the same, so the statistics must be too.
+    model = qwen3moe_model if arch == "qwen3moe" else deepseek2_model
+    one = router_stats(engine, model, calib, ctx=128, chunks=6, threads=2, sequences=1)
+    three = router_stats(engine, model, calib, ctx=128, chunks=6, threads=2, sequences=3)
+    assert three["tokens"] == one["tokens"] == 6 * 128 and sorted(three["layers"]) == sorted(one["layers"])
+    for layer, d in one["layers"].items():
+        np.testing.assert_array_equal(three["layers"][layer]["counts"], d["counts"])
+        np.testing.assert_allclose(three["layers"][layer]["mean_score"], d["mean_score"], rtol=1e-3, atol=1e-5)
+
+
 def test_router_scores_are_renormalised_weights(qwen_stats):
     """With top-2 renormalised weights, each token's two scores sum to 1: so do the per-expert score sums."""
     total = sum(np.dot(d["counts"], d["mean_score"]) for d in qwen_stats["layers"].values())

@@ -17,7 +17,7 @@ from ..model.inventory import ModelInventory, summarize
 from .impact import IMPACT_MAX_BYTES
 from .plan import device_budget
 from .sensitivity import prior_sensitivity
-from .stats import available_ram, imatrix_reads, imatrix_sequences
+from .stats import available_ram, model_reads, chunks_per_pass
 
 DISK_READ_BYTES_PER_S = 2 * 10**9  # assumed sequential read speed of the model's disk for streamed passes
 BUILD_PARAMS_PER_S = 4.8e6        # llama-quantize per core, measured: 13.9B-parameter deepseek2 Q8_0 to a 1.8-bpw
@@ -98,7 +98,7 @@ def preflight(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: P
     free = free_bytes(Path(out).parent)
     ram = available_ram()
     streams = inv.file_bytes > ram
-    passes = imatrix_reads(inv.file_bytes, ram, chunks)
+    passes = model_reads(inv.file_bytes, ram, chunks)
     read_s = passes * inv.file_bytes / DISK_READ_BYTES_PER_S
     build_s = summarize(inv).total_params / (BUILD_PARAMS_PER_S * (threads or os.cpu_count() or 1))
     result = CheckResult(inv.source, low, budget.weights_bytes, needed, free, inv.file_bytes, ram, streams)
@@ -111,7 +111,7 @@ def preflight(engine: Engine, inv: ModelInventory, device: DeviceProfile, out: P
                                              f"{gb_text(free)} free beside {out}"))
     result.checks.append(Check("ram", True, (
         f"model {gb_text(inv.file_bytes)} > {gb_text(ram)} available: the imatrix streams it from disk "
-        f"{passes} times ({chunks} chunks, {imatrix_sequences(inv.file_bytes, ram, chunks)} per batch), ~{hours(read_s)} at "
+        f"{passes} times ({chunks} chunks, {chunks_per_pass(inv.file_bytes, ram, chunks)} per batch), ~{hours(read_s)} at "
         f"{DISK_READ_BYTES_PER_S / GB:.0f} GB/s" if streams else
         f"model {gb_text(inv.file_bytes)} fits in {gb_text(ram)} available: one read, ~{hours(read_s)}")
         + f"; build ~{hours(build_s)}"))

@@ -26,6 +26,7 @@ from ..core.errors import EXIT_ENGINE, CcmoeError
 from ..engine.build import Engine, load_bindings
 from ..engine.ggml import Ggml
 from ..model.inventory import model_digest, read_gguf, require_moe, summarize
+from .stats import available_ram, chunks_per_pass
 
 ROUTER_STATS_VERSION = 1
 ROUTER_NODE = re.compile(r"^ffn_moe_(topk|weights|weights_softmax|weights_norm|weights_scaled)-(\d+)$")
@@ -163,15 +164,15 @@ def _tokenize(llama_cpp, vocab, text: str) -> np.ndarray:
 class _Session:
     """A model and a context with the capture callback, freed on exit."""
 
-    def __init__(self, llama_cpp, model: Path, ctx: int, threads: int, capture: RouterCapture):
+    def __init__(self, llama_cpp, model: Path, ctx: int, threads: int, capture: RouterCapture, sequences: int = 1):
         self.L = llama_cpp
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
             raise CcmoeError(f"llama.cpp could not load {model}", "check the file with `ccmoe-run inspect`", EXIT_ENGINE)
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = p.n_batch = p.n_ubatch = ctx
-        p.n_seq_max = 1
+        p.n_ctx = p.n_batch = p.n_ubatch = ctx * sequences     # each sequence gets ctx cells
+        p.n_seq_max = sequences
         p.n_threads = p.n_threads_batch = threads
         p.no_perf = True
         p.cb_eval = capture.callback
@@ -182,7 +183,7 @@ class _Session:
             raise CcmoeError(f"llama.cpp could not create a {ctx}-token context for {model}", "lower --ctx",
                              EXIT_ENGINE)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(ctx * sequences, 0, 1)
 
     def __enter__(self) -> "_Session":
         return self
@@ -192,14 +193,18 @@ class _Session:
         self.L.llama_free(self.ctx)
         self.L.llama_model_free(self.model)
 
-    def decode(self, tokens: np.ndarray) -> None:
-        """Evaluate one chunk from an empty cache, every token an output (so the last layer sees them all)."""
+    def decode(self, chunks: list[np.ndarray]) -> None:
+        """Evaluate chunks from an empty cache in one pass, each its own sequence, every token an output (so the
+        last layer sees them all)."""
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         b = self.batch
-        b.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens.tolist()):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, i, 1, 1
-            b.seq_id[i][0] = 0
+        i = 0
+        for seq, tokens in enumerate(chunks):
+            for pos, tok in enumerate(tokens.tolist()):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, 1
+                b.seq_id[i][0] = seq
+                i += 1
+        b.n_tokens = i
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             raise CcmoeError(f"llama_decode failed ({rc})", "check the model and --ctx", EXIT_ENGINE)
@@ -215,10 +220,13 @@ def layer_summary(t: LayerTally, n_tokens: int) -> dict[str, list]:
 
 
 def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks: int | None = 64,
-                 threads: int | None = None) -> dict[str, Any]:
-    """Per MoE layer and expert: activation counts and frequency, mean routing score, on `text`."""
+                 threads: int | None = None, sequences: int | None = None) -> dict[str, Any]:
+    """Per MoE layer and expert: activation counts and frequency, mean routing score, on `text`. `sequences`
+    chunks go through the weights per pass (default: several when the model is larger than the free RAM, so a
+    streamed model is read once per pass, not once per chunk); the counts do not depend on it."""
 
-    summary = summarize(read_gguf(model))
+    inv = read_gguf(model)
+    summary = summarize(inv)
     require_moe(summary, str(model))
     content = read_text(text)
     llama_cpp = load_bindings(engine)
@@ -226,18 +234,20 @@ def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks
 
     llama_log.set_verbose(False)
     capture = RouterCapture(_ggml_lib(engine), summary.n_expert)
-    with _Session(llama_cpp, Path(model), ctx, threads or os.cpu_count() or 1, capture) as s:
+    per_pass = sequences or chunks_per_pass(inv.file_bytes, available_ram(), chunks)
+    with _Session(llama_cpp, Path(model), ctx, threads or os.cpu_count() or 1, capture, per_pass) as s:
         tokens = _tokenize(llama_cpp, s.vocab, content)
         n_chunk = len(tokens) // ctx if not chunks else min(chunks, len(tokens) // ctx)
         if n_chunk < 1:
             raise CcmoeError(f"{text} has {len(tokens)} tokens, fewer than one {ctx}-token chunk",
                              "pass a longer calibration text or a smaller --ctx")
         add_bos = llama_cpp.llama_vocab_get_add_bos(s.vocab)
-        for i in range(n_chunk):
-            chunk = tokens[i * ctx:(i + 1) * ctx].copy()
-            if add_bos:
+        pieces = [tokens[i * ctx:(i + 1) * ctx].copy() for i in range(n_chunk)]
+        if add_bos:
+            for chunk in pieces:
                 chunk[0] = llama_cpp.llama_vocab_bos(s.vocab)
-            s.decode(chunk)
+        for first in range(0, n_chunk, per_pass):
+            s.decode(pieces[first:first + per_pass])
             capture.flush()
     n_tokens = n_chunk * ctx
     if sorted(capture.tallies) != summary.moe_layers:
@@ -245,6 +255,7 @@ def router_stats(engine: Engine, model: Path, text: Path, ctx: int = 256, chunks
                          f"{summary.moe_layers}", "the engine's MoE graph changed; update ccmoe-runtime", EXIT_ENGINE)
     return {"model": str(model), "model_digest": model_digest(Path(model)), "calibration": str(text),
             "calibration_sha256": file_sha256(Path(text)), "ctx": ctx, "chunks_requested": chunks, "chunks": n_chunk,
+            "chunks_per_pass": per_pass,
             "tokens": n_tokens, "n_expert": summary.n_expert, "n_expert_used": summary.n_expert_used,
             "score_node": f"ffn_moe_{capture.final_stage}",
             "layers": {str(layer): layer_summary(capture.tallies[layer], n_tokens) for layer in sorted(capture.tallies)}}

@@ -16,7 +16,7 @@ from ..model.experts import EXPERT_STATS_KIND, EXPERT_STATS_VERSION
 from ..model.inventory import model_digest, read_gguf, require_moe, summarize
 from .imatrix import expert_token_counts, fit_to_model, read_imatrix_file, write_imatrix_gguf
 
-STREAMED_SEQUENCES = 8      # chunks per llama-imatrix batch when the model is larger than the free RAM
+STREAMED_SEQUENCES = 8      # chunks per pass (llama-imatrix batch, router decode) when the model is larger than RAM
 
 
 def available_ram() -> int:
@@ -24,16 +24,17 @@ def available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def imatrix_sequences(model_bytes: int, ram_bytes: int, chunks: int | None) -> int:
-    """Chunks llama-imatrix evaluates per batch: several when the model streams from disk (fewer reads), else 1."""
+def chunks_per_pass(model_bytes: int, ram_bytes: int, chunks: int | None) -> int:
+    """Chunks one pass over the weights evaluates (a llama-imatrix batch, a router decode): several when the model
+    streams from disk (fewer reads), else 1."""
     if model_bytes <= ram_bytes:
         return 1
     return max(1, min(STREAMED_SEQUENCES, chunks or STREAMED_SEQUENCES))
 
 
-def imatrix_reads(model_bytes: int, ram_bytes: int, chunks: int) -> int:
-    """Times llama-imatrix reads the model from disk: once per batch when it streams, else once."""
-    return -(-chunks // imatrix_sequences(model_bytes, ram_bytes, chunks)) if model_bytes > ram_bytes else 1
+def model_reads(model_bytes: int, ram_bytes: int, chunks: int) -> int:
+    """Times llama-imatrix or the router pass reads the model from disk: once per pass when it streams, else once."""
+    return -(-chunks // chunks_per_pass(model_bytes, ram_bytes, chunks)) if model_bytes > ram_bytes else 1
 
 
 def expert_counts(imatrix: Path) -> dict[int, np.ndarray]:
@@ -85,7 +86,7 @@ def measure_expert_stats(engine: Engine, model: Path, calibration: Path, out_dir
     else:
         tmp = temp_beside(dest)
         try:
-            sequences = imatrix_sequences(inv.file_bytes, available_ram(), chunks)
+            sequences = chunks_per_pass(inv.file_bytes, available_ram(), chunks)
             run_imatrix(engine, model, calibration, tmp, ctx=ctx, chunks=chunks, threads=threads, sequences=sequences)
             tmp.replace(dest)
         finally:
