@@ -161,6 +161,17 @@ def test_host_memory_settings_pick_the_fastest_decode_and_break_ties_by_prompt_s
     assert pick_cpu_settings(close) == ("none", 16)           # a much slower decode never wins on prompts
 
 
+@pytest.mark.parametrize("default, other, want", [
+    ({"cpu:q4_0": 0.4}, {"cpu:q4_0": 0.6}, {"cpu:q4_0": 0.75}),     # the pair's ratio 1.5 times the calibrated 0.5
+    ({"cpu:q4_0": 0.4}, {}, {"cpu:q4_0": 0.5}),                      # only one run fitted it: no change measured
+    ({}, {"cpu:q4_0": 0.6}, {"cpu:q4_0": 0.5}),                      # the same, the other way round
+    ({"cpu:q4_0": 0.4}, {"cpu:q4_0": 0.0}, {"cpu:q4_0": 0.5}),       # a fit of 0 is a failed fit, not a dead type
+    ({"cpu:q5_0": 0.4}, {}, {}),                                     # nothing calibrated to keep
+])
+def test_rescaled_keeps_the_calibrated_value_where_the_pair_is_incomplete(default, other, want):
+    assert C.rescaled({"cpu:q4_0": 0.5}, default, other, 4) == want
+
+
 @pytest.mark.slow
 def test_the_fit_recovers_what_llama_cpp_cpu_buffers_change(cal_models, engine):
     """The runs with --no-host give each type's CPU efficiency and prompt-batch rate in those buffers (Factors.repack)

@@ -402,6 +402,9 @@ def measure_repack(engine: Engine, device: DeviceProfile, models: list[CalModel]
     gpu_s_per_byte = {k.split(":", 1)[1]: 1.0 / (bw * v) for k, v in f.efficiency.items() if k.startswith("gpu:")}
     _, eff_pinned, offload_pinned = fit_host_weights(device, used, full, runs[False], f, gpu_s_per_byte)
     _, eff_cpu, offload_cpu = fit_host_weights(device, used, full, runs[True], f, gpu_s_per_byte)
+    for name, pair in (("efficiency", (eff_pinned, eff_cpu)), ("prompt-batch rate", (offload_pinned, offload_cpu))):
+        for k in sorted(unpaired(*pair)):
+            say(f"  {k}: {name} not fitted in both runs of the pair (a noisy run); it keeps its calibrated value")
     return {"efficiency": rescaled(f.efficiency, eff_pinned, eff_cpu, 4),
             "offload_gbs": rescaled(f.offload_gbs, offload_pinned, offload_cpu, 2)}, runs[True]
 
@@ -409,9 +412,17 @@ def measure_repack(engine: Engine, device: DeviceProfile, models: list[CalModel]
 def rescaled(calibrated: dict[str, float], paired_default: dict[str, float], paired_other: dict[str, float],
              digits: int) -> dict[str, float]:
     """`calibrated` values times other/default of a pair measured together: a host whose speed drifts between
-    calibration's runs (±15% on the H100 VM) moves both of a pair alike, and the ratio stays."""
-    return {k: round(calibrated.get(k, paired_default[k]) * v / paired_default[k], digits)
-            for k, v in paired_other.items() if paired_default.get(k)}
+    calibration's runs (±15% on the H100 VM) moves both of a pair alike, and the ratio stays. A key that only
+    one run of the pair fitted (a fit of 0 or none) keeps its calibrated value: no change measured."""
+    out = {k: round(calibrated.get(k, paired_default[k]) * paired_other[k] / paired_default[k], digits)
+           for k in set(paired_default) | set(paired_other) if k not in unpaired(paired_default, paired_other)}
+    out.update({k: calibrated[k] for k in unpaired(paired_default, paired_other) if k in calibrated})
+    return out
+
+
+def unpaired(a: dict[str, float], b: dict[str, float]) -> set[str]:
+    """Keys that only one of a pair of fits has a value (above 0) for."""
+    return {k for k in set(a) | set(b) if not (a.get(k) and b.get(k))}
 
 
 def _medium_s(res: dict, kind: str) -> float:
