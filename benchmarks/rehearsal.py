@@ -4,13 +4,16 @@ Q8_0 ~15 GB), compressed stage by stage; per stage the wall time and peak RSS, a
 DeepSeek-V3 pruned to 192 experts (61 layers) on a 16-core, 128 GB machine.
 
 Usage: python benchmarks/rehearsal.py --work DIR [--size full|test] [--threads N] [--imatrix-chunks N]
-                                     [--last STAGE] [--keep] [--json OUT]
+                                     [--last STAGE] [--serve-device NAME] [--keep] [--json OUT]
        python benchmarks/rehearsal.py --work DIR --report OUT.json   # the table of a saved run again
 
 Each stage runs as its own `ccmoe-run compress ... --stop-after STAGE` process (the next one resumes), so its
 peak RSS is that process's (wait4). The budget gives the rehearsal model the bits per weight the 192-expert
 DeepSeek-V3 gets on a Strix Halo (128 GB). `--size test` is a small model with the same layer structure (seconds;
-tests/test_rehearsal.py). The generated model and outputs are deleted unless --keep. Prints a Markdown table.
+tests/test_rehearsal.py). After the build, `ccmoe-run serve` starts on the output (--serve-device, default auto;
+--serve-device none skips it): seconds until ready, its warm-up's and one OpenAI chat request's tokens/s, the
+server's RSS; then it is stopped. The generated model and outputs are deleted unless --keep. Prints a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from ccmoe_runtime.bench.serving import chat_timings
 from ccmoe_runtime.compress.checks import smallest_plan_bytes
 from ccmoe_runtime.compress.plan import device_budget
 from ccmoe_runtime.compress.sensitivity import prior_sensitivity
 from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.engine.build import find_engine
+from ccmoe_runtime.engine.server import free_port
 from ccmoe_runtime.compress.stages import STAGES
 from ccmoe_runtime.compress.stats import model_reads
 from ccmoe_runtime.devices import get_profile
@@ -72,6 +78,33 @@ def run_stage(cmd: list[str], log: Path) -> tuple[float, int, int]:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.monotonic() - started, usage.ru_maxrss * 1024, proc.returncode
+
+
+def serve_output(out: Path, device: str, log: Path) -> dict:
+    """`ccmoe-run serve` on the compressed model: seconds until ready, the warm-up's and one OpenAI chat request's
+    tokens/s (llama-server's own timings) and the server's RSS; the server is stopped before this returns."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ccmoe_runtime.cli", "serve", "--model", str(out), "--device", device,
+           "--port", str(port), "--json"]
+    started = time.monotonic()
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = proc.stdout.readline()           # the ready message, one line
+        if not line:
+            raise RuntimeError(f"ccmoe-run serve exited {proc.wait()} before it was ready; see {log}")
+        ready_s, ready = time.monotonic() - started, json.loads(line)
+        timings = chat_timings(f"http://127.0.0.1:{port}", timeout=600)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    return {"ready_s": round(ready_s, 1), "server_rss_bytes": ready.get("server_rss_bytes"),
+            "warmup_generation_tokens_per_s": ready.get("generation_tokens_per_s"),
+            "warmup_prompt_tokens_per_s": ready.get("prompt_tokens_per_s"),
+            "predicted_generation_tokens_per_s": ready.get("predicted_generation_tokens_per_s"),
+            "chat_generation_tokens_per_s": round(timings["predicted_per_second"], 2),
+            "chat_prompt_tokens_per_s": round(timings["prompt_per_second"], 2),
+            "chat_prompt_tokens": timings.get("prompt_n"), "chat_generated_tokens": timings.get("predicted_n")}
 
 
 def scale_factors(model_inv, threads: int) -> dict[str, float]:
@@ -132,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         "compress its output, instead of compress running it on 64.")
     p.add_argument("--last", choices=STAGES, default="build", help="The last stage to run (e.g. plan: no build).")
     p.add_argument("--report", type=Path, default=None, help="Print the table of a saved --json and exit.")
+    p.add_argument("--serve-device", default="auto", help="Device profile to serve the output with; none: no serve.")
     a = p.parse_args(argv)
     if a.report:
         print_report(json.loads(a.report.read_text()))
@@ -186,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
               "factors": factors, "target": TARGET, "target_file_bytes": target.file_bytes,
               "out_bytes": out.stat().st_size if out.is_file() else None, "imatrix_chunks": a.imatrix_chunks}
     result["extrapolated_total_s"] = print_report(result)
+    if a.last == "build" and a.serve_device != "none":
+        result["serve"] = serve_output(out, a.serve_device, log)
+        print("serve: " + ", ".join(f"{k} {v}" for k, v in result["serve"].items()))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     if not a.keep:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,4 +26,9 @@ def test_rehearsal_measures_every_stage_and_extrapolates(tmp_path):
         assert s["seconds"] > 0 and s["peak_rss_bytes"] > 10 * 2**20, stage
     assert 0 < doc["budget_share"] < 1 and doc["out_bytes"] <= doc["budget_gb"] * 1e9 * 1.05
     assert doc["extrapolated_total_s"] > 0 and "| total |" in result.stdout
+    served = doc["serve"]                                   # ccmoe-run serve on the output answered a chat request
+    assert served["chat_generated_tokens"] == 32 and served["chat_generation_tokens_per_s"] > 0
+    assert served["server_rss_bytes"] > 10 * 2**20 and served["ready_s"] > 0 and "serve: " in result.stdout
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left                                   # and was stopped
     assert not Path(doc["model"]).exists()                 # the generated model is deleted afterwards
