@@ -4,7 +4,8 @@ Q8_0 ~15 GB), compressed stage by stage; per stage the wall time and peak RSS, a
 DeepSeek-V3 pruned to 192 experts (61 layers) on a 16-core, 128 GB machine.
 
 Usage: python benchmarks/rehearsal.py --work DIR [--size full|test] [--threads N] [--imatrix-chunks N]
-                                     [--last STAGE] [--serve-device NAME] [--keep] [--json OUT]
+                                     [--last STAGE] [--serve-device NAME] [--scale-threads 2,4,8,16] [--keep]
+                                     [--json OUT]
        python benchmarks/rehearsal.py --work DIR --report OUT.json   # the table of a saved run again
 
 Each stage runs as its own `ccmoe-run compress ... --stop-after STAGE` process (the next one resumes), so its
@@ -12,7 +13,9 @@ peak RSS is that process's (wait4). The budget gives the rehearsal model the bit
 DeepSeek-V3 gets on a Strix Halo (128 GB). `--size test` is a small model with the same layer structure (seconds;
 tests/test_rehearsal.py). After the build, `ccmoe-run serve` starts on the output (--serve-device, default auto;
 --serve-device none skips it): seconds until ready, its warm-up's and one OpenAI chat request's tokens/s, the
-server's RSS; then it is stopped. The generated model and outputs are deleted unless --keep. Prints a Markdown
+server's RSS; then it is stopped. --scale-threads then times llama-imatrix (2 chunks) and the build's llama-quantize
+(this run's types) at each thread count on a smaller model of the same widths (8 experts, at most 16384 tokens of
+vocabulary): how the two stages that need cores scale on this machine. The generated model and outputs are deleted unless --keep. Prints a Markdown
 table.
 """
 
@@ -32,10 +35,12 @@ from pathlib import Path
 from ccmoe_runtime.bench.serving import chat_timings
 from ccmoe_runtime.compress.checks import smallest_plan_bytes
 from ccmoe_runtime.compress.plan import device_budget
+from ccmoe_runtime.compress.quantize import BASE_TYPE
 from ccmoe_runtime.compress.sensitivity import prior_sensitivity
 from ccmoe_runtime.core.units import GB
 from ccmoe_runtime.engine.build import find_engine
 from ccmoe_runtime.engine.server import free_port
+from ccmoe_runtime.engine.tools import quantize
 from ccmoe_runtime.compress.stages import STAGES
 from ccmoe_runtime.compress.stats import model_reads
 from ccmoe_runtime.devices import get_profile
@@ -107,6 +112,40 @@ def serve_output(out: Path, device: str, log: Path) -> dict:
             "chat_prompt_tokens": timings.get("prompt_n"), "chat_generated_tokens": timings.get("predicted_n")}
 
 
+def scaling_spec(size: str) -> SynthSpec:
+    """The rehearsal model's widths with 8 experts and at most 16384 tokens: the thread-scaling runs' model."""
+    s = rehearsal_spec(size)
+    return replace(s, name=s.name + ", 8 experts", n_expert=8, n_expert_used=min(s.n_expert_used, 8),
+                   vocab_size=min(s.vocab_size, 16384))
+
+
+def thread_scaling(work: Path, size: str, types_file: Path, calib: Path, threads: list[int], log: Path) -> dict:
+    """llama-imatrix (2 chunks of 512) and llama-quantize with the rehearsal plan's types at each thread count, on
+    `scaling_spec`'s model: seconds, and the speed-up over the fewest threads."""
+    model, out = work / f"scaling-{size}-q8_0.gguf", work / "scaling-out.gguf"
+    if not model.is_file():
+        write_random_gguf(scaling_spec(size), model, qtype="q8_0")
+    engine, lines = find_engine(), types_file.read_text().split()
+    params, rows = summarize(read_gguf(model)).total_params, {}
+    for t in threads:
+        imatrix = work / f"scaling-{t}.imatrix.gguf"
+        imatrix_s, _, code = run_stage([str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(calib),
+                                        "-o", str(imatrix), "-c", "512", "--chunks", "2", "-t", str(t)], log)
+        if code != 0:
+            raise RuntimeError(f"llama-imatrix exited {code}; see {log}")
+        started = time.monotonic()
+        quantize(engine, model, out, BASE_TYPE, lines, imatrix, threads=t, flags=("--allow-requantize",))
+        rows[t] = {"imatrix_s": round(imatrix_s, 2), "build_s": round(time.monotonic() - started, 2)}
+        imatrix.unlink()
+    first = rows[min(rows)]
+    for row in rows.values():
+        row["imatrix_speedup"] = round(first["imatrix_s"] / row["imatrix_s"], 2)
+        row["build_speedup"] = round(first["build_s"] / row["build_s"], 2)
+    out.unlink(missing_ok=True)
+    model.unlink()
+    return {"params": params, "threads": rows}
+
+
 def scale_factors(model_inv, threads: int) -> dict[str, float]:
     """How each stage's cost grows from the rehearsal model to the target on the target machine."""
     target = builtin_inventory(TARGET)
@@ -166,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last", choices=STAGES, default="build", help="The last stage to run (e.g. plan: no build).")
     p.add_argument("--report", type=Path, default=None, help="Print the table of a saved --json and exit.")
     p.add_argument("--serve-device", default="auto", help="Device profile to serve the output with; none: no serve.")
+    p.add_argument("--scale-threads", type=lambda v: sorted({int(x) for x in v.split(",")}), default=[],
+                   help="Comma-separated thread counts for the scaling runs (none by default).")
     a = p.parse_args(argv)
     if a.report:
         print_report(json.loads(a.report.read_text()))
@@ -222,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     result["extrapolated_total_s"] = print_report(result)
     if a.last == "build" and a.serve_device != "none":
         result["serve"] = serve_output(out, a.serve_device, log)
+        if a.json:              # before the scaling runs: a run stopped there keeps what it measured
+            a.json.write_text(json.dumps(result, indent=1) + "\n")
         print("serve: " + ", ".join(f"{k} {v}" for k, v in result["serve"].items()))
+    if a.scale_threads and a.last == "build":
+        result["scaling"] = thread_scaling(a.work, a.size, out.with_suffix(".types.txt"), calib, a.scale_threads, log)
+        print(f"threads on {result['scaling']['params'] / 1e9:.2f}B params: " + "; ".join(
+            f"{t}: imatrix {r['imatrix_s']} s ({r['imatrix_speedup']}x), build {r['build_s']} s ({r['build_speedup']}x)"
+            for t, r in result["scaling"]["threads"].items()))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     if not a.keep:

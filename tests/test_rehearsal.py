@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_rehearsal_measures_every_stage_and_extrapolates(tmp_path):
     out = tmp_path / "numbers.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rehearsal.py"), "--work", str(tmp_path / "w"),
-                             "--size", "test", "--threads", "2", "--json", str(out)],
+                             "--size", "test", "--threads", "2", "--json", str(out),
+                             "--scale-threads", "2,1"],
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -31,4 +32,7 @@ def test_rehearsal_measures_every_stage_and_extrapolates(tmp_path):
     assert served["server_rss_bytes"] > 10 * 2**20 and served["ready_s"] > 0 and "serve: " in result.stdout
     left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, left                                   # and was stopped
+    scaling = doc["scaling"]["threads"]                     # the scaling runs, fewest threads first
+    assert list(scaling) == ["1", "2"] and scaling["1"]["build_speedup"] == 1.0 and doc["scaling"]["params"] > 0
+    assert all(r["imatrix_s"] > 0 and r["build_s"] > 0 for r in scaling.values())
     assert not Path(doc["model"]).exists()                 # the generated model is deleted afterwards
