@@ -180,7 +180,8 @@ class _Session:
         self.ctx = llama_cpp.llama_init_from_model(self.model, p)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
-            raise CcmoeError(f"llama.cpp could not create a {ctx}-token context for {model}", "lower --ctx",
+            what = f"{sequences} sequences of {ctx} tokens" if sequences > 1 else f"{ctx} tokens"
+            raise CcmoeError(f"llama.cpp could not create a context of {what} for {model}", "lower --ctx",
                              EXIT_ENGINE)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.batch = llama_cpp.llama_batch_init(ctx * sequences, 0, 1)
