@@ -131,19 +131,13 @@ def test_a_split_gguf_is_measured_and_identified_over_every_shard(engine, tmp_pa
 
 @pytest.mark.slow
 def test_sampling_is_bounded_by_experts_and_threads_change_nothing(engine, tmp_path):
-    import time
-
     from ccmoe_runtime.model.synth import SynthSpec, write_random_gguf
 
     spec = SynthSpec(arch="deepseek2", n_layer=2, n_dense_lead=1, n_expert=64, n_expert_used=4, seed=3)
     model = write_random_gguf(spec, tmp_path / "wide.gguf")
     args = dict(types=("Q2_K", "Q4_K"), rows_per_expert=4, use_cache=False)
-    started = time.perf_counter()
     full = S.measure_sensitivity(engine, model, None, None, max_experts=64, threads=1, **args)
-    full_s = time.perf_counter() - started
-    started = time.perf_counter()
     few = S.measure_sensitivity(engine, model, None, None, max_experts=8, threads=1, **args)
-    few_s = time.perf_counter() - started
     twice = S.measure_sensitivity(engine, model, None, None, max_experts=8, threads=2, **args)
     assert twice["tensors"] == few["tensors"]                      # deterministic whatever the thread count
     routed = [n for n, t in few["tensors"].items() if t["class"] == "routed_expert"]
@@ -153,4 +147,5 @@ def test_sampling_is_bounded_by_experts_and_threads_change_nothing(engine, tmp_p
         for k in ("Q2_K", "Q4_K"):
             assert few["tensors"][n]["error"][k] == pytest.approx(full["tensors"][n]["error"][k], rel=0.1)
         assert few["tensors"][n]["bytes"] == full["tensors"][n]["bytes"]
-    assert few_s < full_s                                          # an eighth of the expert rows
+    # an eighth of the expert rows is measured (experts_sampled above); no wall-clock comparison: on a shared
+    # 2-core machine a 0.1 s run can take 0.3 s (seen in a fresh-clone run)
