@@ -15,8 +15,8 @@ tests/test_rehearsal.py). After the build, `ccmoe-run serve` starts on the outpu
 --serve-device none skips it): seconds until ready, its warm-up's and one OpenAI chat request's tokens/s, the
 server's RSS; then it is stopped. --scale-threads then times llama-imatrix (2 chunks) and the build's llama-quantize
 (this run's types) at each thread count on a smaller model of the same widths (8 experts, at most 16384 tokens of
-vocabulary): how the two stages that need cores scale on this machine. The generated model and outputs are deleted unless --keep. Prints a Markdown
-table.
+vocabulary): how the two stages that need cores scale on this machine. The generated model and outputs are
+deleted unless --keep. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def run_stage(cmd: list[str], log: Path) -> tuple[float, int, int]:
     return time.monotonic() - started, usage.ru_maxrss * 1024, proc.returncode
 
 
+def imatrix_cmd(model: Path, calib: Path, out: Path, chunks: int, threads: int) -> list[str]:
+    """llama-imatrix over `chunks` chunks of 512 tokens of `calib`, one per batch."""
+    return [str(find_engine().tool("llama-imatrix")), "-m", str(model), "-f", str(calib), "-o", str(out), "-c", "512",
+            "--chunks", str(chunks), "-t", str(threads)]
+
+
 def serve_output(out: Path, device: str, log: Path) -> dict:
     """`ccmoe-run serve` on the compressed model: seconds until ready, the warm-up's and one OpenAI chat request's
     tokens/s (llama-server's own timings) and the server's RSS; the server is stopped before this returns."""
@@ -129,8 +135,7 @@ def thread_scaling(work: Path, size: str, types_file: Path, calib: Path, threads
     params, rows = summarize(read_gguf(model)).total_params, {}
     for t in threads:
         imatrix = work / f"scaling-{t}.imatrix.gguf"
-        imatrix_s, _, code = run_stage([str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(calib),
-                                        "-o", str(imatrix), "-c", "512", "--chunks", "2", "-t", str(t)], log)
+        imatrix_s, _, code = run_stage(imatrix_cmd(model, calib, imatrix, 2, t), log)
         if code != 0:
             raise RuntimeError(f"llama-imatrix exited {code}; see {log}")
         started = time.monotonic()
@@ -231,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk_scale = 1.0
     if a.imatrix_chunks:       # llama-imatrix on fewer chunks, timed alone; compress then takes its output
         imatrix = a.work / "rehearsal.imatrix.gguf"
-        seconds, rss, code = run_stage([str(find_engine().tool("llama-imatrix")), "-m", str(model), "-f", str(calib),
-                                        "-o", str(imatrix), "-c", "512", "--chunks", str(a.imatrix_chunks),
-                                        "-t", str(a.threads)], log)
+        seconds, rss, code = run_stage(imatrix_cmd(model, calib, imatrix, a.imatrix_chunks, a.threads), log)
         if code != 0:
             print(log.read_text()[-3000:], file=sys.stderr)
             return code
