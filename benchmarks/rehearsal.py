@@ -85,9 +85,9 @@ def run_stage(cmd: list[str], log: Path) -> tuple[float, int, int]:
     return time.monotonic() - started, usage.ru_maxrss * 1024, proc.returncode
 
 
-def imatrix_cmd(model: Path, calib: Path, out: Path, chunks: int, threads: int) -> list[str]:
+def imatrix_cmd(engine, model: Path, calib: Path, out: Path, chunks: int, threads: int) -> list[str]:
     """llama-imatrix over `chunks` chunks of 512 tokens of `calib`, one per batch."""
-    return [str(find_engine().tool("llama-imatrix")), "-m", str(model), "-f", str(calib), "-o", str(out), "-c", "512",
+    return [str(engine.tool("llama-imatrix")), "-m", str(model), "-f", str(calib), "-o", str(out), "-c", "512",
             "--chunks", str(chunks), "-t", str(threads)]
 
 
@@ -135,7 +135,7 @@ def thread_scaling(work: Path, size: str, types_file: Path, calib: Path, threads
     params, rows = summarize(read_gguf(model)).total_params, {}
     for t in threads:
         imatrix = work / f"scaling-{t}.imatrix.gguf"
-        imatrix_s, _, code = run_stage(imatrix_cmd(model, calib, imatrix, 2, t), log)
+        imatrix_s, _, code = run_stage(imatrix_cmd(engine, model, calib, imatrix, 2, t), log)
         if code != 0:
             raise RuntimeError(f"llama-imatrix exited {code}; see {log}")
         started = time.monotonic()
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     chunk_scale = 1.0
     if a.imatrix_chunks:       # llama-imatrix on fewer chunks, timed alone; compress then takes its output
         imatrix = a.work / "rehearsal.imatrix.gguf"
-        seconds, rss, code = run_stage(imatrix_cmd(model, calib, imatrix, a.imatrix_chunks, a.threads), log)
+        seconds, rss, code = run_stage(imatrix_cmd(find_engine(), model, calib, imatrix, a.imatrix_chunks, a.threads),
+                                       log)
         if code != 0:
             print(log.read_text()[-3000:], file=sys.stderr)
             return code

@@ -414,9 +414,10 @@ def rescaled(calibrated: dict[str, float], paired_default: dict[str, float], pai
     """`calibrated` values times other/default of a pair measured together: a host whose speed drifts between
     calibration's runs (±15% on the H100 VM) moves both of a pair alike, and the ratio stays. A key that only
     one run of the pair fitted (a fit of 0 or none) keeps its calibrated value: no change measured."""
+    alone = unpaired(paired_default, paired_other)
     out = {k: round(calibrated.get(k, paired_default[k]) * paired_other[k] / paired_default[k], digits)
-           for k in set(paired_default) | set(paired_other) if k not in unpaired(paired_default, paired_other)}
-    out.update({k: calibrated[k] for k in unpaired(paired_default, paired_other) if k in calibrated})
+           for k in set(paired_default) | set(paired_other) if k not in alone}
+    out.update({k: calibrated[k] for k in alone if k in calibrated})
     return out
 
 
